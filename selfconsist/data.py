@@ -1,0 +1,217 @@
+"""Datasets as float tensors (N, C, H, W) in [0, 1], with optional integer labels.
+
+Specs accepted by :func:`load_dataset` (and ``--data``):
+
+* ``digits``: scikit-learn's bundled 8×8 digits (1797 images, no download);
+* ``mnist:PATH`` / ``colormnist:PATH``: MNIST IDX files (gzipped or raw); PATH is
+  the images file or a folder holding ``*images-idx3-ubyte[.gz]``;
+* ``PATH.npy`` / ``PATH.npz`` (keys ``x`` or ``images``, optional ``y``/``labels``);
+* a folder of PNG/JPEG images;
+* a raw IDX images file.
+
+ColorMNIST (design note): each digit gets one of the 7 non-black on/off patterns
+of the R, G, B channels, drawn deterministically from ``seed``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import DataError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
+COLOURS = torch.tensor(
+    [[r, g, b] for r in (0, 1) for g in (0, 1) for b in (0, 1) if (r, g, b) != (0, 0, 0)],
+    dtype=torch.float32,
+)
+
+
+@dataclass
+class Dataset:
+    x: Tensor  # (N, C, H, W) float32 in [0, 1]
+    y: Tensor | None = None  # (N,) int64
+    name: str = ""
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def split(self, n_train: int) -> tuple[Dataset, Dataset]:
+        """First ``n_train`` items and the rest (the design note's 8k/2k split)."""
+        if not 0 < n_train < len(self):
+            raise DataError(f"cannot split {len(self)} items at {n_train}")
+        y = self.y
+        return (
+            Dataset(self.x[:n_train], None if y is None else y[:n_train], self.name + "[train]"),
+            Dataset(self.x[n_train:], None if y is None else y[n_train:], self.name + "[test]"),
+        )
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX file (the MNIST format), gzipped or raw."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as fh:
+            raw = fh.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: cannot read IDX file ({e})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{path}: not an unsigned-byte IDX file")
+    ndim = raw[3]
+    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    n = int(np.prod(dims))
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != n:
+        raise DataError(f"{path}: truncated IDX file (expected {n} values, found {data.size})")
+    return data.reshape(dims)
+
+
+def _find(folder: Path, stem: str) -> Path | None:
+    for p in sorted(folder.iterdir()):
+        if stem in p.name:
+            return p
+    return None
+
+
+def load_mnist(path: str | Path) -> Dataset:
+    """MNIST images in [0, 1], shape (N, 1, 28, 28), with labels when they sit beside them."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    images = _find(path, "images-idx3") if path.is_dir() else path
+    if images is None:
+        raise DataError(f"{path}: no '*images-idx3-ubyte[.gz]' file in this folder")
+    x = read_idx(images)
+    if x.ndim != 3:
+        raise DataError(f"{images}: expected (N, H, W) images, got shape {x.shape}")
+    labels = _find(images.parent, images.name.split("images")[0] + "labels-idx1")
+    y = None
+    if labels is not None:
+        yy = read_idx(labels)
+        if yy.shape[0] != x.shape[0]:
+            raise DataError(f"{labels}: {yy.shape[0]} labels for {x.shape[0]} images")
+        y = torch.from_numpy(yy.astype(np.int64))
+    return Dataset(torch.from_numpy(x.astype(np.float32) / 255.0)[:, None], y, "mnist")
+
+
+def colorize(x: Tensor, seed: int = 0) -> Tensor:
+    """ColorMNIST: (N, 1, H, W) → (N, 3, H, W), each image one of 7 colours, fixed by ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(COLOURS), (x.shape[0],), generator=g)
+    return x * COLOURS[idx][:, :, None, None]
+
+
+def load_digits() -> Dataset:
+    """scikit-learn's 8×8 digits, scaled to [0, 1] (shipped with scikit-learn: no download)."""
+    try:
+        from sklearn.datasets import load_digits as _ld
+    except ImportError:
+        raise DataError("the 'digits' dataset needs scikit-learn: pip install scikit-learn") from None
+    d = _ld()
+    x = torch.from_numpy(d.images.astype(np.float32) / 16.0)[:, None]
+    return Dataset(x, torch.from_numpy(d.target.astype(np.int64)), "digits")
+
+
+def _as_nchw(arr: np.ndarray, source: str) -> Tensor:
+    if arr.ndim == 3:
+        arr = arr[:, None]
+    elif arr.ndim == 4 and arr.shape[-1] in (1, 3, 4) and arr.shape[1] not in (1, 3, 4):
+        arr = arr.transpose(0, 3, 1, 2)  # NHWC -> NCHW
+    if arr.ndim != 4:
+        raise DataError(f"{source}: expected images (N, H, W) or (N, C, H, W), got shape {arr.shape}")
+    if arr.shape[0] == 0:
+        raise DataError(f"{source}: no images")
+    x = arr.astype(np.float32)
+    if np.issubdtype(arr.dtype, np.integer):
+        x = x / 255.0
+    if not np.isfinite(x).all():
+        raise DataError(f"{source}: contains NaN or Inf")
+    if x.min() < -1e-6 or x.max() > 1 + 1e-6:
+        raise DataError(f"{source}: values in [{x.min():.3g}, {x.max():.3g}]; expected [0, 1] or uint8")
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
+def load_array(path: Path) -> Dataset:
+    try:
+        obj = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"{path}: cannot read array file ({e})") from None
+    y = None
+    if isinstance(obj, np.lib.npyio.NpzFile):
+        keys = list(obj.keys())
+        xkey = next((k for k in ("x", "images", "arr_0") if k in keys), None)
+        if xkey is None:
+            raise DataError(f"{path}: no 'x' or 'images' array (found {keys})")
+        ykey = next((k for k in ("y", "labels") if k in keys), None)
+        x = obj[xkey]
+        if ykey is not None:
+            y = torch.from_numpy(obj[ykey].astype(np.int64))
+    else:
+        x = obj
+    data = _as_nchw(x, str(path))
+    if y is not None and y.shape[0] != data.shape[0]:
+        raise DataError(f"{path}: {y.shape[0]} labels for {data.shape[0]} images")
+    return Dataset(data, y, path.stem)
+
+
+def load_image_folder(folder: Path) -> Dataset:
+    try:
+        from PIL import Image
+    except ImportError:
+        raise DataError("reading an image folder needs Pillow: pip install pillow") from None
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"{folder}: no PNG/JPEG images in this folder")
+    arrays = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                arrays.append(np.asarray(im.convert("RGB")))
+        except OSError as e:
+            raise DataError(f"{f}: cannot read image ({e})") from None
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        raise DataError(f"{folder}: images have different sizes {sorted(shapes)[:3]}; resize them first")
+    return Dataset(_as_nchw(np.stack(arrays), str(folder)), None, folder.name)
+
+
+def load_dataset(spec: str, seed: int = 0) -> Dataset:
+    """Load a dataset from a spec string (see the module docstring)."""
+    kind, sep, rest = spec.partition(":")
+    if spec == "digits":
+        return load_digits()
+    if sep and kind in ("mnist", "colormnist"):
+        d = load_mnist(rest)
+        if kind == "colormnist":
+            d = Dataset(colorize(d.x, seed), d.y, "colormnist")
+        return d
+    path = Path(spec)
+    if not path.exists():
+        raise DataError(
+            f"{spec}: no such file or folder (built-in specs: digits, mnist:PATH, colormnist:PATH)"
+        )
+    if path.is_dir():
+        if any("idx3" in p.name for p in path.iterdir()):
+            return load_mnist(path)
+        return load_image_folder(path)
+    if path.suffix in (".npy", ".npz"):
+        return load_array(path)
+    if "idx" in path.name:
+        return load_mnist(path)
+    raise DataError(f"{path}: unknown data format (use .npy, .npz, IDX, or a folder of images)")
+
+
+def check_matches(data: Dataset, data_shape: tuple[int, ...]) -> None:
+    """Raise a clear error when a dataset doesn't fit a model."""
+    if tuple(data.x.shape[1:]) != tuple(data_shape):
+        raise DataError(
+            f"data {data.name!r} has images of shape {tuple(data.x.shape[1:])}, "
+            f"the model expects {tuple(data_shape)}"
+        )

@@ -1,0 +1,147 @@
+"""Built-in VAEs: the paper's MLP and a small convolutional VAE.
+
+Both encoders output (μ, log σ²) of a diagonal Gaussian over a flat latent; both
+decoders end in a sigmoid, so data live in [0, 1]. The architecture is fully
+described by a :class:`ModelConfig`, which is stored in the checkpoint header.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import CheckpointError, SelfconsistError
+
+ARCHS = ("mlp", "conv")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a built-in VAE.
+
+    ``hidden``/``depth`` size the MLP (the paper's is 4×200); ``channels`` are the
+    conv widths, one stride-2 stage each. ``obs_var`` is the Gaussian observation
+    variance v the model was trained with.
+    """
+
+    arch: str = "mlp"
+    data_shape: tuple[int, ...] = (1, 8, 8)
+    latent_dim: int = 64
+    hidden: int = 200
+    depth: int = 4
+    channels: tuple[int, ...] = (32, 64)
+    likelihood: str = "gaussian"
+    obs_var: float = 0.05
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.data_shape = tuple(int(s) for s in self.data_shape)
+        self.channels = tuple(int(c) for c in self.channels)
+        if self.arch not in ARCHS:
+            raise SelfconsistError(f"unknown architecture {self.arch!r}; choose one of {ARCHS}")
+        if len(self.data_shape) != 3:
+            raise SelfconsistError(f"data_shape must be (C, H, W), got {self.data_shape}")
+        if self.likelihood not in ("gaussian", "bernoulli"):
+            raise SelfconsistError(f"likelihood must be gaussian or bernoulli, got {self.likelihood}")
+        if self.arch == "conv":
+            c, h, w = self.data_shape
+            k = 2 ** len(self.channels)
+            if h > 64 or w > 64:
+                raise SelfconsistError(f"the conv VAE takes images up to 64×64, got {h}×{w}")
+            if h % k or w % k:
+                raise SelfconsistError(
+                    f"the conv VAE with {len(self.channels)} stages needs H and W divisible by {k}, "
+                    f"got {h}×{w}; use fewer --channels or the mlp model"
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["data_shape"] = list(self.data_shape)
+        d["channels"] = list(self.channels)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise CheckpointError(f"unknown model config keys {sorted(unknown)}")
+        return cls(**d)
+
+
+def _mlp(sizes: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+class MLPEncoder(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        n_in = int(torch.tensor(cfg.data_shape).prod())
+        self.net = _mlp([n_in] + [cfg.hidden] * cfg.depth + [2 * cfg.latent_dim])
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        mean, logvar = self.net(x.flatten(1)).chunk(2, dim=1)
+        return mean, logvar
+
+
+class MLPDecoder(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.data_shape = cfg.data_shape
+        n_out = int(torch.tensor(cfg.data_shape).prod())
+        self.net = _mlp([cfg.latent_dim] + [cfg.hidden] * cfg.depth + [n_out])
+
+    def forward(self, z: Tensor) -> Tensor:
+        return torch.sigmoid(self.net(z)).view(-1, *self.data_shape)
+
+
+class ConvEncoder(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        c, h, w = cfg.data_shape
+        layers: list[nn.Module] = []
+        for ch in cfg.channels:
+            layers += [nn.Conv2d(c, ch, 4, stride=2, padding=1), nn.ReLU()]
+            c = ch
+        self.conv = nn.Sequential(*layers)
+        k = 2 ** len(cfg.channels)
+        self.head = _mlp([c * (h // k) * (w // k), cfg.hidden, 2 * cfg.latent_dim])
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        mean, logvar = self.head(self.conv(x).flatten(1)).chunk(2, dim=1)
+        return mean, logvar
+
+
+class ConvDecoder(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        c_out, h, w = cfg.data_shape
+        k = 2 ** len(cfg.channels)
+        chans = list(reversed(cfg.channels))
+        self.start = (chans[0], h // k, w // k)
+        self.head = nn.Sequential(
+            _mlp([cfg.latent_dim, cfg.hidden, chans[0] * (h // k) * (w // k)]), nn.ReLU()
+        )
+        layers: list[nn.Module] = []
+        for a, b in zip(chans, chans[1:] + [c_out], strict=True):
+            layers += [nn.ConvTranspose2d(a, b, 4, stride=2, padding=1), nn.ReLU()]
+        layers.pop()  # no ReLU before the sigmoid
+        self.deconv = nn.Sequential(*layers)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return torch.sigmoid(self.deconv(self.head(z).view(-1, *self.start)))
+
+
+def build(cfg: ModelConfig) -> tuple[nn.Module, nn.Module]:
+    """(encoder, decoder) for a config."""
+    if cfg.arch == "mlp":
+        return MLPEncoder(cfg), MLPDecoder(cfg)
+    return ConvEncoder(cfg), ConvDecoder(cfg)

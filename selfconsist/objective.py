@@ -1,0 +1,146 @@
+r"""The AVAE objective as pure functions.
+
+Notation follows ``shared/design/avae.md``:
+
+* prior p(z) = N(m, diag s²); whitened coordinates u = (z − m)/s;
+* encoder q(z|x) = N(μ, diag σ²); whitened μ̂ = (μ − m)/s, σ̂ = σ/s, so log σ̂² = log σ² − 2 log s;
+* decoder mean g(z); Gaussian likelihood with observation variance v, or Bernoulli;
+* coupling kernel p(u′|u) = N(ρu, (1 − ρ²) I).
+
+Every function takes batched tensors (batch first) and returns one value per
+batch item, summed over the remaining (latent or data) elements. Nothing here
+knows about models: the training recipes feed these functions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+def _sum_per_item(t: Tensor) -> Tensor:
+    """Sum over every dimension except the first (the batch)."""
+    return t.reshape(t.shape[0], -1).sum(dim=1)
+
+
+def whiten(mean: Tensor, logvar: Tensor, prior_mean: Tensor, prior_std: Tensor) -> tuple[Tensor, Tensor]:
+    r"""Map q(z) = N(μ, σ²) to whitened coordinates u = (z − m)/s.
+
+    μ̂ = (μ − m)/s,   log σ̂² = log σ² − 2 log s.
+    ``prior_mean`` and ``prior_std`` broadcast against ``mean`` (without the batch dim).
+    """
+    mean_hat = (mean - prior_mean) / prior_std
+    logvar_hat = logvar - 2.0 * torch.log(prior_std)
+    return mean_hat, logvar_hat
+
+
+def kl_to_standard_normal(mean_hat: Tensor, logvar_hat: Tensor) -> Tensor:
+    r"""KL(N(μ̂, σ̂²) ‖ N(0, 1)), summed over elements.
+
+    KL = ½ Σᵢ (μ̂ᵢ² + σ̂ᵢ² − 1 − log σ̂ᵢ²).
+
+    KL is invariant under the whitening map, so this equals KL(q(z|x) ‖ p(z))
+    for the prior N(m, s²).
+    """
+    return 0.5 * _sum_per_item(mean_hat.pow(2) + logvar_hat.exp() - 1.0 - logvar_hat)
+
+
+def gaussian_log_likelihood(x: Tensor, x_mean: Tensor, obs_var: float) -> Tensor:
+    r"""log N(x; g(z), v I), summed over data elements.
+
+    log p(x|z) = −‖x − g(z)‖² / (2v) − (D/2) log(2πv).
+    """
+    d = x[0].numel()
+    sq = _sum_per_item((x - x_mean).pow(2))
+    return -sq / (2.0 * obs_var) - 0.5 * d * (LOG_2PI + math.log(obs_var))
+
+
+def bernoulli_log_likelihood(x: Tensor, x_mean: Tensor, eps: float = 1e-6) -> Tensor:
+    r"""log Bernoulli(x; p = g(z)), summed over elements; x ∈ [0, 1] (continuous x allowed).
+
+    log p(x|z) = Σ x log p + (1 − x) log(1 − p), with p clamped to [ε, 1 − ε].
+    """
+    p = x_mean.clamp(eps, 1.0 - eps)
+    return _sum_per_item(x * torch.log(p) + (1.0 - x) * torch.log1p(-p))
+
+
+def log_likelihood(x: Tensor, x_mean: Tensor, likelihood: str, obs_var: float) -> Tensor:
+    """Dispatch to :func:`gaussian_log_likelihood` or :func:`bernoulli_log_likelihood`."""
+    if likelihood == "gaussian":
+        return gaussian_log_likelihood(x, x_mean, obs_var)
+    if likelihood == "bernoulli":
+        return bernoulli_log_likelihood(x, x_mean)
+    raise ValueError(f"unknown likelihood {likelihood!r}; expected 'gaussian' or 'bernoulli'")
+
+
+def coupling_log_prob(
+    mean_hat: Tensor, logvar_hat: Tensor, mean_hat2: Tensor, logvar_hat2: Tensor, rho: float
+) -> Tensor:
+    r"""E_{q(u|x) q(u′|x̃)}[log p(u′|u)] in closed form, summed over elements.
+
+    With p(u′|u) = N(ρu, (1 − ρ²)), per element:
+
+        −½ log(2π(1 − ρ²)) − [σ̂′² + ρ² σ̂² + (μ̂′ − ρ μ̂)²] / (2(1 − ρ²)).
+
+    (The official code's constant, d·log(1/2π), is wrong; this one is exact.)
+    """
+    if not 0.0 < rho < 1.0:
+        raise ValueError(f"rho must lie in (0, 1), got {rho}")
+    one_m = 1.0 - rho * rho
+    quad = logvar_hat2.exp() + rho * rho * logvar_hat.exp() + (mean_hat2 - rho * mean_hat).pow(2)
+    return _sum_per_item(-0.5 * math.log(2.0 * math.pi * one_m) - quad / (2.0 * one_m))
+
+
+def gaussian_entropy(logvar_hat: Tensor) -> Tensor:
+    r"""H[N(μ̂, σ̂²)] = ½ Σᵢ log(2πe σ̂ᵢ²), summed over elements (whitened units)."""
+    return _sum_per_item(0.5 * (LOG_2PI + 1.0 + logvar_hat))
+
+
+def coupling_term(
+    mean_hat: Tensor, logvar_hat: Tensor, mean_hat2: Tensor, logvar_hat2: Tensor, rho: float
+) -> Tensor:
+    r"""C(x) = E[log p(u′|u)] + H[q(u′|x̃)]: minus the KL from the re-encoding to the kernel.
+
+    (μ̂, σ̂²) describe q(u|x), (μ̂′, σ̂′²) the re-encoding q(u′|x̃) of x̃ = g(z).
+    In z-units the kernel's log density gains −Σ log s and the entropy +Σ log s,
+    so C is the same number in either coordinate system.
+    """
+    return coupling_log_prob(mean_hat, logvar_hat, mean_hat2, logvar_hat2, rho) + gaussian_entropy(
+        logvar_hat2
+    )
+
+
+def consistency_kl(
+    mean_hat0: Tensor, mean_hat2: Tensor, logvar_hat2: Tensor, rho: float
+) -> Tensor:
+    r"""KL(q(u′|g(z₀)) ‖ N(ρu₀, 1 − ρ²)), summed over elements; u₀ is a point (a prior sample).
+
+    KL = ½ Σᵢ [ (σ̂′ᵢ² + (μ̂′ᵢ − ρu₀ᵢ)²)/(1 − ρ²) − 1 − log σ̂′ᵢ² + log(1 − ρ²) ].
+    """
+    one_m = 1.0 - rho * rho
+    t = (logvar_hat2.exp() + (mean_hat2 - rho * mean_hat0).pow(2)) / one_m
+    return 0.5 * _sum_per_item(t - 1.0 - logvar_hat2 + math.log(one_m))
+
+
+def reparameterize(mean: Tensor, logvar: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    r"""z = μ + ε·σ with ε ~ N(0, I). (The official code multiplies by σ², which is wrong.)"""
+    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return mean + eps * torch.exp(0.5 * logvar)
+
+
+def elbo(log_lik: Tensor, kl: Tensor) -> Tensor:
+    r"""The VAE ELBO per item: E_q[log p(x|z)] − KL(q(z|x) ‖ p(z)) (one-sample estimate of the first term)."""
+    return log_lik - kl
+
+
+def avae_objective(log_lik: Tensor, kl: Tensor, coupling: Tensor, lambda_rec: float = 1.0) -> Tensor:
+    r"""The AVAE bound per item: λ_rec·E_q[log p(x|z)] − KL(q(z|x) ‖ p(z)) + C(x).
+
+    From scratch, x is data and λ_rec = 1. Post hoc, x = g(z₀) with z₀ ~ p(z),
+    only the encoder trains, and λ_rec trades faithfulness (1) for cost (0).
+    """
+    return lambda_rec * log_lik - kl + coupling

@@ -1,0 +1,86 @@
+"""Small pieces the training recipes share: devices, precision, progress, the NaN guard."""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+import torch
+
+from .errors import NonFiniteLossError, SelfconsistError
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SelfconsistError("--device cuda was asked for, but no CUDA GPU is visible; use --device cpu")
+    if name not in ("cpu",) and not name.startswith("cuda") and name != "mps":
+        raise SelfconsistError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on GPU; fp32 is a no-op. bf16 on CPU is refused (slow and pointless here)."""
+    if precision == "fp32":
+        return nullcontext()
+    if precision == "bf16":
+        if device.type != "cuda":
+            raise SelfconsistError("--precision bf16 needs a CUDA device; use fp32 on CPU")
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    raise SelfconsistError(f"unknown precision {precision!r}; use fp32 or bf16")
+
+
+def check_finite(step: int, loss: torch.Tensor) -> None:
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise NonFiniteLossError(
+            f"loss became {value} at step {step}; the last good state was kept - "
+            "lower --lr and resume with --resume"
+        )
+
+
+class Progress:
+    """A rich progress bar on stderr showing step and the latest loss terms (or nothing)."""
+
+    def __init__(self, total: int, description: str, enabled: bool = True, start: int = 0) -> None:
+        self.enabled = enabled and total > 0
+        self._bar: Any = None
+        self.total, self.start, self.description = total, start, description
+
+    def __enter__(self) -> Progress:
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RP, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+
+            self._bar = RP(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[terms]}"),
+                console=Console(stderr=True), transient=False,
+            )
+            self._bar.__enter__()
+            self._task = self._bar.add_task(self.description, total=self.total,
+                                             completed=self.start, terms="")
+        return self
+
+    def update(self, step: int, terms: dict[str, float]) -> None:
+        if self._bar is not None:
+            text = "  ".join(f"{k} {v:.4g}" for k, v in terms.items())
+            self._bar.update(self._task, completed=step, terms=text)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+
+
+@contextmanager
+def stage(message: str, enabled: bool = True) -> Iterator[None]:
+    """Print a one-line stage note on stderr (progress goes to stderr, results to stdout)."""
+    if enabled:
+        print(message, file=sys.stderr, flush=True)
+    yield
