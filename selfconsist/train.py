@@ -24,8 +24,16 @@ from . import objective as obj
 from .adapters.builtin import BuiltinVAE, new_model
 from .data import Dataset, load_dataset
 from .errors import NonFiniteLossError, SelfconsistError
-from .io import (META_PREFIX, atomic_output, atomic_torch_save, json_meta, load_state, rng_state,
-                 set_rng_state, state_path_for)
+from .io import (
+    META_PREFIX,
+    atomic_output,
+    atomic_torch_save,
+    json_meta,
+    load_state,
+    rng_state,
+    set_rng_state,
+    state_path_for,
+)
 from .models import ModelConfig
 from .runtime import Progress, check_finite, resolve_device
 

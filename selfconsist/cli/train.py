@@ -34,7 +34,8 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Train a built-in VAE from scratch and write one .safetensors with its config in the header."""
-    from ..train import TrainConfig, train as run
+    from ..train import TrainConfig
+    from ..train import train as run
 
     cfg = TrainConfig(model=model, data=data, objective=objective, rho=rho, steps=steps,
                       batch_size=batch_size, lr=lr, seed=seed, device=device, latent_dim=latent_dim,
