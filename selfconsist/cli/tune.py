@@ -59,6 +59,10 @@ def tune(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from OUT.state.pt."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    push_to_hub: str | None = typer.Option(
+        None, "--push-to-hub", help="Then evaluate base vs tuned and push model, eval and card "
+        "to this Hub repo (owner/name); see `selfconsist push --help`."),
+    private: bool = typer.Option(False, "--private", help="With --push-to-hub: create the repo private."),
 ) -> None:
     """Fine-tune only the encoder on the model's own samples; the decoder stays byte-identical."""
     from ..io import META_PREFIX
@@ -73,6 +77,10 @@ def tune(
                                    "pass a checkpoint path")
         model = str(EXAMPLE)
     out = out or default_out(model)
+    if push_to_hub is not None:  # a bad repo id fails now, not after the tuning
+        from ..hub import check_repo_id
+
+        check_repo_id(push_to_hub, "--push-to-hub")
     cfg = TuneConfig(rho=rho, lambda_rec=lambda_rec, steps=steps, batch_size=batch_size, lr=lr,
                      schedule=schedule, warmup_steps=warmup_steps, seed=seed, device=device,
                      precision=precision, obs_var=obs_var, sample_noise=sample_noise, prior=prior,
@@ -91,6 +99,14 @@ def tune(
                  metadata={META_PREFIX + "command": command})
     _print_table(result.before, result.after)
     typer.echo(str(out))
+    if push_to_hub is not None:
+        from ..hub import push_after_tune
+
+        pushed = push_after_tune(out, model, push_to_hub, private=private, command=command,
+                                 load_options=options, adapter=adapter,
+                                 trust_remote_code=trust_remote_code,
+                                 eval_options={"device": device, "seed": seed, "prior": prior})
+        typer.echo(pushed.pr_url or pushed.commit_url or f"https://huggingface.co/{push_to_hub}")
 
 
 def _print_table(before: dict, after: dict) -> None:
