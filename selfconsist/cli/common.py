@@ -28,16 +28,22 @@ def load_model(model: str, adapter: str | None, trust_remote_code: bool = False,
     from .. import adapters
 
     path = Path(model)
+    hub = None
     if not path.exists():
         try:
-            from ..hub import resolve_model
+            from .. import hub
         except ModuleNotFoundError:
-            resolve_model = None
-        if resolve_model is not None and "/" in model and not model.startswith((".", "/")):
-            path = resolve_model(model, **{k: v for k, v in options.items()
-                                          if k in ("revision",)})
+            hub = None
+        if hub is not None and "/" in model and not model.startswith((".", "/")):
+            path = hub.resolve_model(model, revision=options.get("revision"),
+                                     trust_remote_code=trust_remote_code)
+        else:
+            hub = None
     opts = {k: v for k, v in options.items() if k not in ("revision",)}
-    return adapters.load(path, adapter=adapter, trust_remote_code=trust_remote_code, **opts)
+    vae = adapters.load(path, adapter=adapter, trust_remote_code=trust_remote_code, **opts)
+    if hub is not None:  # record repo id, commit and license for metadata and model cards
+        hub.attach_source(vae, path)
+    return vae
 
 
 def echo_json(obj: Any) -> None:
