@@ -1,0 +1,661 @@
+"""``selfconsist eval``: every metric of the design note for one model, or a model and its tuned copy.
+
+    result = evaluate("vae.safetensors", compare="tuned.safetensors", data="digits", out="eval/")
+
+Data-free (from the model alone, ``samples`` prior draws):
+
+* ``sample_roundtrip_mse``: x = g(z₀), x̂ = g(μ(x)); mean over data elements of (x − x̂)²;
+* ``latent_roundtrip_corr`` / ``latent_roundtrip_corr_responsive``: Pearson correlation of u₀
+  and μ̂(g(z₀)) per latent element, averaged over all elements / the decoder-responsive ones;
+* ``consistency_kl``: KL(q(u|g(z₀)) ‖ N(ρu₀, 1 − ρ²)) per latent element;
+* ``drift@K``: ‖x_K − x₁‖² per data element along x_{k+1} = g(μ(x_k)), from x₀ = g(z₀);
+* ``adv_shift@ε``: mean over x = g(z₀) of max_{‖δ‖∞≤ε} ‖μ̂(x+δ) − μ̂(x)‖² (ℓ∞ PGD, random
+  start, 20 steps of ε/8, clipped to the data range), divided by E‖μ̂(xᵢ) − μ̂(xⱼ)‖² over pairs;
+* ``responsive_elements``: latent elements i with E‖g(z + δeᵢ) − g(z)‖² ≥ 1% of the largest.
+
+With data (the held-out split; images in [0, 1] are mapped to the model's range
+x_model = lo + (hi − lo)·x):
+
+* ``recon_mse`` (model units) and ``recon_psnr`` = 10 log₁₀((hi − lo)²/MSE);
+* ``active_units`` (Var_x μ̂ > 0.01) and ``responsive_active`` (responsive elements that are
+  active; responsive ones that are not are collapse);
+* ``drift_data@K`` and ``adv_shift_data@ε``: as above, from real inputs;
+* with labels, ``probe_acc`` and ``probe_acc_adv@ε``: a multinomial logistic regression on
+  μ̂(x), fitted on the train split, scored on clean and PGD-attacked held-out inputs (the attack
+  maximises the probe's cross-entropy through the encoder mean and the probe).
+
+Every metric carries a standard error; :data:`STDERR_METHODS` says how each is computed.
+Every random draw comes from a generator seeded from ``seed`` and the stage, so a run is
+deterministic and both models see the same prior draws and attack starts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import sys
+import time
+import types
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import __version__
+from . import metrics as M
+from .adapters.base import VAEAdapter
+from .data import Dataset, check_matches, load_dataset
+from .errors import DataError, SelfconsistError
+from .io import atomic_output
+from .runtime import resolve_device
+
+#: How each metric's standard error is computed (a prefix matches metrics with ``@ε``/``@K``).
+STDERR_METHODS: dict[str, str] = {
+    "sample_roundtrip_mse": "analytic: std/√n over prior samples",
+    "latent_roundtrip_corr": "bootstrap over prior samples",
+    "latent_roundtrip_corr_responsive": "bootstrap over prior samples (mask fixed)",
+    "consistency_kl": "analytic: std/√n over prior samples",
+    "drift@": "analytic: std/√n over start points",
+    "drift_data@": "analytic: std/√n over held-out inputs",
+    "adv_shift@": "analytic std/√n of the shift over inputs, divided by the pair distance",
+    "adv_shift_data@": "analytic std/√n of the shift over inputs, divided by the pair distance",
+    "responsive_elements": "bootstrap over the prior samples of the response test",
+    "recon_mse": "analytic: std/√n over held-out inputs",
+    "recon_psnr": "delta method from recon_mse",
+    "active_units": "bootstrap over held-out inputs",
+    "responsive_active": "bootstrap over held-out inputs and response samples",
+    "probe_acc": "binomial: √(p(1−p)/n)",
+    "probe_acc_adv@": "binomial: √(p(1−p)/n)",
+}
+
+#: metric (or prefix) → (short description, which way is better: "up", "down" or "").
+METRIC_INFO: dict[str, tuple[str, str]] = {
+    "sample_roundtrip_mse": ("sample round-trip error ‖g(z₀) − g(μ(g(z₀)))‖²/D", "down"),
+    "latent_roundtrip_corr": ("latent round-trip correlation, all elements", "up"),
+    "latent_roundtrip_corr_responsive": ("latent round-trip correlation, responsive elements",
+                                         "up"),
+    "consistency_kl": ("KL(q(u|g(z₀)) ‖ N(ρu₀, 1−ρ²)) per element", "down"),
+    "drift@": ("drift ‖x_K − x₁‖²/D from model samples", "down"),
+    "adv_shift@": ("PGD latent shift / pair distance, model samples", "down"),
+    "responsive_elements": ("decoder-responsive latent elements", ""),
+    "recon_mse": ("reconstruction MSE, held out", "down"),
+    "recon_psnr": ("reconstruction PSNR (dB), held out", "up"),
+    "active_units": ("active units (Var μ̂ > 0.01)", ""),
+    "responsive_active": ("responsive elements that are active", "up"),
+    "drift_data@": ("drift ‖x_K − x₁‖²/D from held-out inputs", "down"),
+    "adv_shift_data@": ("PGD latent shift / pair distance, held out", "down"),
+    "probe_acc": ("linear probe accuracy, clean", "up"),
+    "probe_acc_adv@": ("linear probe accuracy under PGD", "up"),
+}
+
+
+def _lookup(table: dict[str, Any], key: str) -> Any:
+    if key in table:
+        return table[key]
+    for prefix, v in table.items():
+        if prefix.endswith("@") and key.startswith(prefix):
+            return v
+    return None
+
+
+@dataclass
+class EvalConfig:
+    """Settings of one evaluation (stored in metrics.json).
+
+    ``eps`` is in the model's data units; ``None`` means 0.1 and 0.2 of the data range's width
+    (0.1, 0.2 for [0, 1] data; 0.2, 0.4 for a [−1, 1] diffusers model). The probe trains on
+    the first ``n_train`` items (default ``probe_train_fraction`` of them, only when there are
+    labels); everything else is measured on the last ``n_test`` items (default: all the rest).
+    """
+
+    seed: int = 0
+    samples: int = 1000  # prior draws for the data-free metrics: time against precision
+    eps: tuple[float, ...] | None = None
+    pgd_steps: int = 20
+    drift_k: int = 10
+    rho: float = 0.975
+    responsive_samples: int = 64
+    responsive_delta: float = 1.0
+    responsive_share: float = 0.01
+    max_responsive_elements: int = 256  # larger spatial latents are probed per channel
+    active_threshold: float = 0.01
+    n_train: int | None = None
+    probe_train_fraction: float = 0.8
+    n_test: int | None = None
+    probe_l2: float = 1e-4  # on standardised codes; about scikit-learn's C = 1 at n = 8000
+    bootstrap: int = 200
+    batch_size: int = 256
+    device: str = "auto"
+    prior: str | None = None
+    figures: bool = True
+    n_figure: int = 8
+    data_seed: int = 0  # ColorMNIST colours
+
+    def __post_init__(self) -> None:
+        if self.eps is not None:
+            self.eps = tuple(float(e) for e in self.eps)
+            if not self.eps or any(not (e > 0 and math.isfinite(e)) for e in self.eps):
+                raise SelfconsistError("--eps must be positive numbers, e.g. --eps 0.1,0.2")
+        if self.samples < 2:
+            raise SelfconsistError("--samples must be at least 2")
+        for name in ("pgd_steps", "drift_k", "responsive_samples", "batch_size", "bootstrap"):
+            if getattr(self, name) < 1:
+                raise SelfconsistError(f"--{name.replace('_', '-')} must be at least 1")
+        if not 0.0 < self.rho < 1.0:
+            raise SelfconsistError(f"--rho must lie in (0, 1), got {self.rho}")
+        if not 0.0 < self.probe_train_fraction < 1.0:
+            raise SelfconsistError("--probe-train-fraction must lie in (0, 1)")
+        if self.n_train is not None and self.n_train < 0:
+            raise SelfconsistError("--n-train must not be negative")
+        if self.n_test is not None and self.n_test < 2:
+            raise SelfconsistError("--n-test must be at least 2")
+
+    def eps_for(self, data_range: tuple[float, float]) -> tuple[float, ...]:
+        if self.eps is not None:
+            return self.eps
+        span = data_range[1] - data_range[0]
+        return (round(0.1 * span, 6), round(0.2 * span, 6))
+
+
+@dataclass
+class EvalResult:
+    """What :func:`evaluate` returns: the metrics.json content, the report, where it went."""
+
+    metrics: dict[str, Any]
+    report: str
+    out: Path | None = None
+    figures: dict[str, str] = field(default_factory=dict)
+
+
+# --- stages and their seeds --------------------------------------------------------------------
+
+_STAGE_SEEDS = {"responsive": 1, "roundtrip": 2, "drift": 3, "shift": 4, "bootstrap": 5,
+                "drift_data": 6, "shift_data": 7, "probe_adv": 8}
+
+
+def _gen(seed: int, stage: str) -> torch.Generator:
+    """An independent CPU generator per stage, so adding a stage never shifts another's draws."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + _STAGE_SEEDS[stage])
+
+
+class _Stages:
+    """A rich progress bar over the evaluation stages, on stderr (or nothing)."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.enabled, self._bar = total, enabled, None
+
+    def __enter__(self) -> _Stages:
+        if self.enabled:
+            from rich import progress as rp
+            from rich.console import Console
+
+            self._bar = rp.Progress(rp.TextColumn("[bold]eval"), rp.BarColumn(),
+                                    rp.MofNCompleteColumn(), rp.TimeElapsedColumn(),
+                                    rp.TextColumn("{task.description}"),
+                                    console=Console(stderr=True))
+            self._bar.__enter__()
+            self._task = self._bar.add_task("", total=self.total)
+        return self
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        if self._bar is not None:
+            self._bar.update(self._task, description=name)
+        yield
+        if self._bar is not None:
+            self._bar.advance(self._task)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+
+
+# --- data --------------------------------------------------------------------------------------
+
+@dataclass
+class _Split:
+    spec: str
+    n: int
+    test_x: Tensor  # [0, 1]
+    test_y: Tensor | None
+    train_x: Tensor | None
+    train_y: Tensor | None
+    n_classes: int = 0
+    chance_acc: float | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"spec": self.spec, "n": self.n, "n_test": int(self.test_x.shape[0]),
+                "n_train_probe": 0 if self.train_x is None else int(self.train_x.shape[0]),
+                "labels": self.test_y is not None, "n_classes": self.n_classes,
+                "probe_chance_acc": self.chance_acc,
+                "test_items": f"last {int(self.test_x.shape[0])}"}
+
+
+def _load_labels(labels: Any, n: int) -> Tensor:
+    if isinstance(labels, (str, Path)):
+        path = Path(labels)
+        if not path.is_file():
+            raise DataError(f"--labels {path}: no such file")
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:
+            raise DataError(f"--labels {path}: cannot read .npy file ({e})") from None
+    else:
+        arr = labels.cpu().numpy() if isinstance(labels, Tensor) else np.asarray(labels)
+    arr = np.asarray(arr).reshape(-1)
+    if arr.shape[0] != n:
+        raise DataError(f"--labels has {arr.shape[0]} labels for {n} images; give one per image")
+    if not np.issubdtype(arr.dtype, np.integer):
+        if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
+            raise DataError("--labels must hold integer class indices")
+    if arr.min() < 0:
+        raise DataError("--labels must be non-negative class indices")
+    return torch.from_numpy(arr.astype(np.int64))
+
+
+def _prepare_data(data: Any, labels: Any, cfg: EvalConfig, data_shape: tuple[int, ...]
+                  ) -> _Split:
+    if isinstance(data, Dataset):
+        ds = data
+    elif isinstance(data, Tensor):
+        ds = Dataset(data.float(), None, "tensor")
+    else:
+        ds = load_dataset(str(data), seed=cfg.data_seed)
+    check_matches(ds, data_shape)
+    n = len(ds)
+    y = _load_labels(labels, n) if labels is not None else ds.y
+    n_train = cfg.n_train
+    if n_train is None:
+        n_train = int(round(cfg.probe_train_fraction * n)) if y is not None else 0
+    if n_train >= n:
+        raise DataError(f"--n-train {n_train} leaves no held-out items of the {n}; lower it")
+    rest = n - n_train
+    n_test = rest if cfg.n_test is None else cfg.n_test
+    if n_test > rest:
+        raise DataError(f"--n-test {n_test} is more than the {rest} items after the probe's "
+                        f"{n_train} train items; lower --n-test or --n-train")
+    test_x = ds.x[n - n_test:]
+    test_y = None if y is None else y[n - n_test:]
+    train_x = ds.x[:n_train] if (y is not None and n_train > 0) else None
+    train_y = None if (y is None or train_x is None) else y[:n_train]
+    split = _Split(str(data) if not isinstance(data, (Dataset, Tensor)) else ds.name, n,
+                   test_x, test_y, train_x, train_y)
+    if y is not None:
+        if train_x is None or n_train < 2:
+            raise DataError("the linear probe needs a train split: pass --n-train N "
+                            "(the first N items train the probe)")
+        split.n_classes = int(y.max()) + 1
+        majority = int(torch.bincount(train_y, minlength=split.n_classes).argmax())
+        split.chance_acc = float((test_y == majority).double().mean())
+    return split
+
+
+def _to_model_range(x: Tensor, data_range: tuple[float, float]) -> Tensor:
+    """Data in [0, 1] → the adapter's range: x_model = lo + (hi − lo)·x."""
+    lo, hi = data_range
+    return lo + (hi - lo) * x
+
+
+# --- one model ---------------------------------------------------------------------------------
+
+def _stage_names(has_data: bool, has_labels: bool) -> list[str]:
+    names = ["decoder responses", "sample round trip", "drift (samples)", "PGD shift (samples)"]
+    if has_data:
+        names += ["reconstruction, active units", "drift (data)", "PGD shift (data)"]
+    if has_labels:
+        names += ["linear probe", "PGD on the probe"]
+    return names
+
+
+def _corr_estimate(u0: Tensor, mu: Tensor, cols: Tensor | None, gen: torch.Generator,
+                   reps: int) -> M.Estimate:
+    """Mean per-element Pearson correlation (over ``cols``), bootstrapped over samples."""
+    if cols is not None:
+        u0, mu = u0[:, cols], mu[:, cols]
+    return M.bootstrap(lambda rows: float(M.per_element_corr(u0[rows], mu[rows]).mean()),
+                       (u0.shape[0],), gen, reps)
+
+
+def _evaluate_model(vae: VAEAdapter, cfg: EvalConfig, split: _Split | None, stages: _Stages,
+                    label: str) -> tuple[dict[str, M.Estimate], dict[str, Any]]:
+    s, bs = cfg.seed, cfg.batch_size
+    rng = vae.data_range
+    eps_list = cfg.eps_for(rng)
+    out: dict[str, M.Estimate] = {}
+    art: dict[str, Any] = {"data_range": rng}
+    keep = max(cfg.n_figure, 0)
+
+    with stages.stage(f"{label}: decoder responses"):
+        resp = M.decoder_responses(vae, _gen(s, "responsive"), n=cfg.responsive_samples,
+                                   delta=cfg.responsive_delta, batch_size=bs,
+                                   max_elements=cfg.max_responsive_elements)
+        mask = resp.mask(cfg.responsive_share)
+        out["responsive_elements"] = M.bootstrap(
+            lambda rows: float(resp.mask(cfg.responsive_share, rows).sum()),
+            (resp.per_sample.shape[0],), _gen(s, "bootstrap"), cfg.bootstrap)
+        art["responsive_mode"] = resp.mode
+
+    with stages.stage(f"{label}: sample round trip"):
+        r = M.sample_roundtrip(vae, cfg.samples, _gen(s, "roundtrip"), cfg.rho, bs)
+        out["sample_roundtrip_mse"] = M.Estimate.of(r["mse"])
+        out["latent_roundtrip_corr"] = _corr_estimate(r["u0"], r["mu_hat"], None,
+                                                      _gen(s, "bootstrap"), cfg.bootstrap)
+        if mask.any():
+            out["latent_roundtrip_corr_responsive"] = _corr_estimate(
+                r["u0"], r["mu_hat"], mask, _gen(s, "bootstrap"), cfg.bootstrap)
+        out["consistency_kl"] = M.Estimate.of(r["consistency_kl"])
+
+    with stages.stage(f"{label}: drift (samples)"):
+        z0 = vae.sample_prior(cfg.samples, _gen(s, "drift"))
+        x0 = M.decode_batched(vae, z0, bs).cpu()
+        drift, chains = M.drift_chain(vae, x0, cfg.drift_k, bs, keep=keep)
+        out[f"drift@{cfg.drift_k}"] = M.Estimate.of(drift)
+        art["sample_chains"] = chains
+
+    with stages.stage(f"{label}: PGD shift (samples)"):
+        g = _gen(s, "shift")
+        z0 = vae.sample_prior(cfg.samples, g)
+        xs = M.decode_batched(vae, z0, bs).cpu()
+        mu, _ = M.encode_mean(vae, xs, bs)
+        den = M.code_pair_distance(mu)
+        for eps in eps_list:
+            shift, x_adv = M.adversarial_shift(vae, xs, eps, cfg.pgd_steps, g, bs, keep=keep)
+            out[f"adv_shift@{eps:g}"] = M.ratio_estimate(M.Estimate.of(shift), den)
+        art["adv"] = {"source": "model samples", "eps": eps_list[-1], "x": xs[:keep],
+                      "x_adv": x_adv}
+
+    if split is not None:
+        test_x = _to_model_range(split.test_x, rng)
+        with stages.stage(f"{label}: reconstruction, active units"):
+            mse = M.Estimate.of(M.reconstruction_mse(vae, test_x, bs))
+            out["recon_mse"] = mse
+            out["recon_psnr"] = M.psnr(mse, rng)
+            mu, _ = M.encode_mean(vae, test_x, bs)
+            mu = mu.reshape(mu.shape[0], -1).cpu()
+            thr = cfg.active_threshold
+            out["active_units"] = M.bootstrap(lambda rows: float((mu[rows].var(0) > thr).sum()),
+                                              (mu.shape[0],), _gen(s, "bootstrap"),
+                                              cfg.bootstrap)
+            out["responsive_active"] = M.bootstrap(
+                lambda rows, zrows: float((resp.mask(cfg.responsive_share, zrows)
+                                           & (mu[rows].var(0) > thr)).sum()),
+                (mu.shape[0], resp.per_sample.shape[0]), _gen(s, "bootstrap"), cfg.bootstrap)
+
+        with stages.stage(f"{label}: drift (data)"):
+            drift, chains = M.drift_chain(vae, test_x, cfg.drift_k, bs, keep=keep)
+            out[f"drift_data@{cfg.drift_k}"] = M.Estimate.of(drift)
+            art["data_chains"] = chains
+
+        with stages.stage(f"{label}: PGD shift (data)"):
+            den = M.code_pair_distance(mu)
+            g = _gen(s, "shift_data")
+            for eps in eps_list:
+                shift, x_adv = M.adversarial_shift(vae, test_x, eps, cfg.pgd_steps, g, bs,
+                                                   keep=keep)
+                out[f"adv_shift_data@{eps:g}"] = M.ratio_estimate(M.Estimate.of(shift), den)
+            art["adv"] = {"source": "held-out data", "eps": eps_list[-1], "x": test_x[:keep],
+                          "x_adv": x_adv}
+
+        if split.test_y is not None and split.train_x is not None:
+            with stages.stage(f"{label}: linear probe"):
+                feats, _ = M.encode_mean(vae, _to_model_range(split.train_x, rng), bs)
+                probe = M.fit_probe(feats.cpu(), split.train_y, split.n_classes, cfg.probe_l2)
+                out["probe_acc"] = M.binomial_estimate(
+                    M.probe_correct(vae, probe, test_x, split.test_y, bs))
+            with stages.stage(f"{label}: PGD on the probe"):
+                g = _gen(s, "probe_adv")
+                for eps in eps_list:
+                    ok = M.probe_correct_adversarial(vae, probe, test_x, split.test_y, eps,
+                                                     cfg.pgd_steps, g, bs)
+                    out[f"probe_acc_adv@{eps:g}"] = M.binomial_estimate(ok)
+
+    if art["adv"]["x"].numel():
+        art["adv"]["rec"] = M.reconstruct(vae, art["adv"]["x"], bs)
+        art["adv"]["rec_adv"] = M.reconstruct(vae, art["adv"]["x_adv"], bs)
+    return out, art
+
+
+# --- rendering ---------------------------------------------------------------------------------
+
+def _fmt(v: float | None, se: float | None = None) -> str:
+    if v is None:
+        return "–"
+    text = f"{v:.4g}"
+    if se is not None and math.isfinite(se) and se > 0:
+        text += f" ± {se:.2g}"
+    return text
+
+
+def render_table(metrics: dict[str, Any], names: list[str] | None = None) -> str:
+    """The metrics of metrics.json as a markdown table: one row per metric, one column per
+    model, and (for two models) the change from the first to the second.
+
+    ``metrics`` is the metrics.json dict (``{"models": {NAME: {metric: {"value", "stderr"}}}}``)
+    or just its ``"models"`` part. Values read ``value ± stderr``; the arrow says which way is
+    better. This is the table of report.md and of the Hub model card.
+    """
+    models = metrics.get("models", metrics)
+    names = list(models) if names is None else names
+    keys: list[str] = []
+    for n in names:
+        keys += [k for k in models[n] if k not in keys]
+    head = ["metric", *names]
+    if len(names) == 2:
+        head.append("change")
+    head.append("better")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    arrows = {"up": "↑", "down": "↓", "": ""}
+    for k in keys:
+        cells = [f"`{k}`"]
+        vals = []
+        for n in names:
+            e = models[n].get(k)
+            vals.append(None if e is None else e.get("value"))
+            cells.append(_fmt(vals[-1], None if e is None else e.get("stderr")))
+        if len(names) == 2:
+            a, b = vals
+            if a is None or b is None:
+                cells.append("–")
+            else:
+                rel = f" ({(b - a) / abs(a) * 100:+.0f}%)" if abs(a) > 1e-12 else ""
+                cells.append(f"{b - a:+.4g}{rel}")
+        info = _lookup(METRIC_INFO, k)
+        cells.append(arrows[info[1]] if info else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render_report(metrics: dict[str, Any], figures: dict[str, str] | None = None) -> str:
+    """report.md: the table, what each metric means, how errors were computed, the figures."""
+    cfg = metrics.get("config", {})
+    names = list(metrics["models"])
+    lines = ["# selfconsist evaluation", ""]
+    for n in names:
+        src = cfg.get("sources", {}).get(n)
+        lines.append(f"- **{n}**: `{src}`" if src else f"- **{n}**")
+    data = metrics.get("data")
+    if data:
+        lines.append(f"- data: `{data['spec']}`, {data['n_test']} held-out items (the last of "
+                     f"{data['n']})" + (f", probe trained on the first {data['n_train_probe']}"
+                                        if data.get("n_train_probe") else ""))
+        if data.get("probe_chance_acc") is not None:
+            lines.append(f"- probe chance accuracy (majority class): "
+                         f"{data['probe_chance_acc']:.3f}")
+    else:
+        lines.append("- data: none (data-free metrics only)")
+    lines.append(f"- seed {cfg.get('seed')}, {cfg.get('samples')} prior samples, "
+                 f"ε = {', '.join(f'{e:g}' for e in cfg.get('eps_used', []))} (data units), "
+                 f"PGD {cfg.get('pgd_steps')} steps of ε/8, ρ = {cfg.get('rho')}")
+    lines += ["", "## Metrics", "", render_table(metrics, names)]
+    lines += ["Values are `value ± standard error`. ↑/↓: which way is better; counts without an "
+              "arrow describe the model rather than rank it. A robustness number counts only "
+              "beside reconstruction, active units and probe accuracy (a constant encoder is "
+              "perfectly robust and useless).", "", "| metric | meaning | standard error |",
+              "|---|---|---|"]
+    keys: list[str] = []
+    for n in names:
+        keys += [k for k in metrics["models"][n] if k not in keys]
+    for k in keys:
+        info = _lookup(METRIC_INFO, k)
+        meaning = (info[0] if info else "").replace("|", "\\|")  # a bare | splits the cell
+        lines.append(f"| `{k}` | {meaning} | {_lookup(STDERR_METHODS, k) or ''} |")
+    if figures:
+        lines += ["", "## Figures", ""]
+        captions = {
+            "roundtrip": "Model samples x = g(z₀) and their re-encodings g(μ(x))",
+            "drift": "Drift chains x₀, x₁ = g(μ(x₀)), …, x_K",
+            "adversarial": "Clean and PGD-attacked inputs with their decodings",
+            "metrics": "Metrics side by side (error bars: ±1 standard error)",
+        }
+        for key, fname in figures.items():
+            lines += [f"### {captions.get(key, key)}", "", f"![{key}]({fname})", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _versions() -> dict[str, str]:
+    v = {"selfconsist": __version__, "torch": torch.__version__, "numpy": np.__version__,
+         "python": platform.python_version()}
+    try:
+        import matplotlib
+
+        v["matplotlib"] = matplotlib.__version__
+    except ImportError:
+        pass
+    return v
+
+
+# --- the entry point ---------------------------------------------------------------------------
+
+def _load(model: Any, adapter: str | None, trust_remote_code: bool) -> VAEAdapter:
+    if isinstance(model, VAEAdapter):
+        return model
+    from .cli.common import load_model
+
+    return load_model(str(model), adapter, trust_remote_code)
+
+
+def _check_out(out: Path, overwrite: bool) -> bool:
+    """Refuse a non-empty output folder unless ``overwrite``; True when it may be replaced."""
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        raise SelfconsistError(f"{out} exists and is not a folder; choose another --out")
+    if any(out.iterdir()) and not overwrite:
+        raise SelfconsistError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    return True
+
+
+def evaluate(model: Any, compare: Any = None, *, data: Any = None, labels: Any = None,
+             out: str | Path | None = None, config: EvalConfig | None = None,
+             name: str = "model", compare_name: str = "tuned", overwrite: bool = False,
+             progress: bool = False, adapter: str | None = None,
+             compare_adapter: str | None = None, trust_remote_code: bool = False) -> EvalResult:
+    """Evaluate ``model`` (and ``compare``, e.g. its tuned copy) on every metric.
+
+    ``model``/``compare`` are adapters or checkpoint paths; ``data`` a spec of
+    :func:`selfconsist.data.load_dataset`, a :class:`~selfconsist.data.Dataset` or a tensor
+    (N, C, H, W) in [0, 1]; ``labels`` a .npy path or array overriding the data's labels.
+    With ``out``, writes metrics.json, report.md and PNG figures to that folder (atomically).
+    The models are moved to ``config.device`` and put in eval mode; nothing else changes.
+    """
+    cfg = config or EvalConfig()
+    if compare is not None and name == compare_name:
+        raise SelfconsistError("the two models need different names (--name / --compare-name)")
+    out_path = Path(out) if out is not None else None
+    replace = _check_out(out_path, overwrite) if out_path is not None else False
+
+    device = resolve_device(cfg.device)
+    vaes = {name: _load(model, adapter, trust_remote_code)}
+    if compare is not None:
+        vaes[compare_name] = _load(compare, compare_adapter or adapter, trust_remote_code)
+    shapes = {tuple(v.data_shape) for v in vaes.values()}
+    if len(shapes) > 1:
+        raise SelfconsistError(f"the models take different data shapes {sorted(shapes)}; "
+                               "compare models of the same family")
+    for v in vaes.values():
+        v.set_prior(cfg.prior)
+        v.to(device)
+        for m in v.encoder_modules() + v.decoder_modules():
+            m.eval()
+
+    first = next(iter(vaes.values()))
+    split = _prepare_data(data, labels, cfg, tuple(first.data_shape)) if data is not None else None
+    has_labels = split is not None and split.test_y is not None
+    n_stages = len(_stage_names(split is not None, has_labels)) * len(vaes) + 1
+
+    results: dict[str, dict[str, Any]] = {}
+    artifacts: dict[str, dict[str, Any]] = {}
+    timing: dict[str, float] = {}
+    with _Stages(n_stages, progress) as stages:
+        for n, vae in vaes.items():
+            t0 = time.perf_counter()
+            res, art = _evaluate_model(vae, cfg, split, stages, n)
+            timing[n] = round(time.perf_counter() - t0, 2)
+            results[n] = {k: e.as_dict() for k, e in res.items()}
+            artifacts[n] = art
+        with stages.stage("report"):
+            eps_used = cfg.eps_for(first.data_range)
+            metrics: dict[str, Any] = {
+                "models": results,
+                "config": {**asdict(cfg), "eps_used": list(eps_used),
+                           "sources": {n: str(v.source.path) if v.source.path else
+                                       (v.source.repo_id or type(v).__name__)
+                                       for n, v in vaes.items()},
+                           "adapters": {n: v.name or type(v).__name__ for n, v in vaes.items()},
+                           "priors": {n: v.prior.name for n, v in vaes.items()},
+                           "responsive_mode": {n: a["responsive_mode"]
+                                               for n, a in artifacts.items()},
+                           "data_range": {n: list(v.data_range) for n, v in vaes.items()},
+                           "device": str(device),
+                           "seeds": {stage: cfg.seed * 1_000_003 + k
+                                     for stage, k in _STAGE_SEEDS.items()}},
+                "data": split.describe() if split is not None else None,
+                "stderr_methods": {k: _lookup(STDERR_METHODS, k)
+                                   for r in results.values() for k in r},
+                "versions": _versions(),
+                "timing_s": timing,
+            }
+            metrics = _jsonable(metrics)
+            figures: dict[str, str] = {}
+            report = render_report(metrics)
+            if out_path is not None:
+                with atomic_output(out_path, overwrite=replace) as tmp:
+                    tmp.mkdir()
+                    if cfg.figures:
+                        from .plots import make_figures
+
+                        figures = make_figures(tmp, artifacts, metrics)
+                    report = render_report(metrics, figures)
+                    (tmp / "metrics.json").write_text(
+                        json.dumps(metrics, indent=2, allow_nan=False) + "\n")
+                    (tmp / "report.md").write_text(report)
+    return EvalResult(metrics, report, out_path, figures)
+
+
+class _CallableModule(types.ModuleType):
+    """``selfconsist.evaluate`` is both this module and the function: importing the module
+    (the CLI does) makes it the package attribute, so calling it must still evaluate."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> EvalResult:
+        return evaluate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

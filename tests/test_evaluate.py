@@ -1,0 +1,186 @@
+"""``selfconsist eval`` end to end on tiny built-in models, and the pieces it is made of."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import selfconsist
+from selfconsist.cli import main
+from selfconsist.evaluate import EvalConfig, _to_model_range, render_table
+from selfconsist.train import TrainConfig, train
+
+DATA_FREE = {"sample_roundtrip_mse", "latent_roundtrip_corr", "consistency_kl", "drift@10",
+             "adv_shift@0.1", "adv_shift@0.2", "responsive_elements"}
+WITH_DATA = {"recon_mse", "recon_psnr", "active_units", "responsive_active", "drift_data@10",
+             "adv_shift_data@0.1", "adv_shift_data@0.2"}
+WITH_LABELS = {"probe_acc", "probe_acc_adv@0.1", "probe_acc_adv@0.2"}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Two tiny MLP VAEs on the digits (the second stands in for a tuned model)."""
+    root = tmp_path_factory.mktemp("models")
+    paths = []
+    for seed in (0, 1):
+        p = root / f"vae{seed}.safetensors"
+        train(TrainConfig(data="digits", steps=200, device="cpu", seed=seed, hidden=64,
+                          latent_dim=16), p, progress=False)
+        paths.append(p)
+    return paths[0], paths[1]
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    try:
+        main(args)
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def eval_args(models: tuple[Path, Path], out: Path, *extra: str) -> list[str]:
+    a, b = models
+    return ["eval", str(a), "--compare", str(b), "--data", "digits", "--out", str(out),
+            "--samples", "200", "--device", "cpu", *extra]
+
+
+@pytest.mark.slow
+def test_cli_eval_writes_metrics_report_and_figures(models, tmp_path, capsys) -> None:
+    out = tmp_path / "eval"
+    code, stdout, stderr = run_cli(eval_args(models, out, "--seed", "3"), capsys)
+    assert code == 0, stderr
+    assert "| metric | model | tuned | change | better |" in stdout
+    assert str(out / "report.md") in stdout
+
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m) >= {"models", "config", "versions", "data", "stderr_methods"}
+    assert set(m["models"]) == {"model", "tuned"}
+    for name, res in m["models"].items():
+        missing = (DATA_FREE | WITH_DATA | WITH_LABELS) - set(res)
+        assert not missing, (name, missing)
+        for key, est in res.items():
+            assert set(est) == {"value", "stderr"}, key
+            assert est["value"] is not None and math.isfinite(est["value"]), key
+        assert 0 <= res["responsive_active"]["value"] <= res["responsive_elements"]["value"]
+        assert res["responsive_elements"]["value"] <= 16
+        assert 0.0 <= res["probe_acc"]["value"] <= 1.0
+        assert res["probe_acc_adv@0.2"]["value"] <= res["probe_acc"]["value"]
+        assert res["recon_psnr"]["value"] == pytest.approx(
+            10 * math.log10(1.0 / res["recon_mse"]["value"]))
+    assert m["config"]["seed"] == 3 and m["config"]["eps_used"] == [0.1, 0.2]
+    assert m["config"]["seeds"]  # every stage's seed is recorded
+    assert m["versions"]["torch"] == torch.__version__
+    assert m["data"]["n"] == 1797 and m["data"]["labels"] is True
+    assert m["data"]["n_train_probe"] + m["data"]["n_test"] == 1797
+    assert set(m["stderr_methods"]) >= DATA_FREE | WITH_DATA | WITH_LABELS
+
+    report = (out / "report.md").read_text()
+    assert "| metric | model | tuned | change | better |" in report
+    for key in DATA_FREE | WITH_DATA | WITH_LABELS:
+        assert f"`{key}`" in report
+    for fig in ("roundtrip", "drift", "adversarial", "metrics"):
+        png = out / f"{fig}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({fig}.png)" in report  # embedded by a relative path
+    assert not list(tmp_path.glob(".eval.*"))  # the temporary folder is gone
+
+    # same seed, same numbers; another seed, other numbers
+    code, _, _ = run_cli(eval_args(models, tmp_path / "again", "--seed", "3", "--quiet",
+                                   "--no-figures"), capsys)
+    assert code == 0
+    again = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    assert again["models"] == m["models"]
+    code, _, _ = run_cli(eval_args(models, tmp_path / "other", "--seed", "4", "--quiet",
+                                   "--no-figures"), capsys)
+    other = json.loads((tmp_path / "other" / "metrics.json").read_text())
+    assert other["models"]["model"]["sample_roundtrip_mse"] != m["models"]["model"][
+        "sample_roundtrip_mse"]
+
+
+def test_cli_refuses_a_non_empty_out_and_bad_labels(models, tmp_path, capsys) -> None:
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, _, err = run_cli(eval_args(models, out, "--quiet"), capsys)
+    assert code == 2 and "--overwrite" in err
+    assert (out / "keep.txt").read_text() == "mine"
+
+    bad = tmp_path / "labels.npy"
+    np.save(bad, np.zeros(10, dtype=np.int64))
+    code, _, err = run_cli(eval_args(models, tmp_path / "x", "--labels", str(bad)), capsys)
+    assert code == 2 and "10 labels for 1797 images" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_split_labels_override_and_overwrite(models, tmp_path, capsys) -> None:
+    labels = tmp_path / "parity.npy"
+    np.save(labels, np.arange(1797) % 2)
+    out = tmp_path / "split"
+    out.mkdir()  # an empty folder is fine without --overwrite
+    args = ["eval", str(models[0]), "--data", "digits", "--labels", str(labels),
+            "--n-train", "1000", "--n-test", "300", "--samples", "50", "--eps", "0.05",
+            "--no-figures", "--quiet", "--device", "cpu", "--out", str(out)]
+    code, stdout, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert "change" not in stdout  # one model: no change column
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["data"]["n_train_probe"] == 1000 and m["data"]["n_test"] == 300
+    assert m["data"]["n_classes"] == 2
+    assert set(m["models"]) == {"model"}
+    assert "probe_acc_adv@0.05" in m["models"]["model"]
+    assert m["config"]["eps_used"] == [0.05]
+    code, _, err = run_cli(args, capsys)
+    assert code == 2  # now it is not empty
+    code, _, err = run_cli(args + ["--overwrite", "--name", "base"], capsys)
+    assert code == 0, err
+    assert set(json.loads((out / "metrics.json").read_text())["models"]) == {"base"}
+
+
+def test_python_api_without_matplotlib(models, tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import now fails
+    vae = selfconsist.load(models[0])
+    x = torch.rand(60, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    cfg = selfconsist.EvalConfig(samples=64, device="cpu", bootstrap=20)
+    res = selfconsist.evaluate(vae, data=x, out=tmp_path / "api", config=cfg, name="mine")
+    assert "matplotlib is not installed" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "api").iterdir()) == ["metrics.json", "report.md"]
+    assert "## Figures" not in res.report
+    got = set(res.metrics["models"]["mine"])
+    assert got == DATA_FREE | WITH_DATA | ({"latent_roundtrip_corr_responsive"} & got)
+    assert res.metrics["data"]["n_test"] == 60  # no labels: everything is held out
+    # the module is callable too (importing it makes it the package attribute)
+    import selfconsist.evaluate as mod
+
+    assert mod(vae, config=cfg).metrics["models"]["model"].keys() >= DATA_FREE
+
+
+def test_render_table_and_config() -> None:
+    metrics = {"models": {
+        "model": {"probe_acc": {"value": 0.5, "stderr": 0.01},
+                  "adv_shift@0.1": {"value": 2.0, "stderr": None}},
+        "tuned": {"probe_acc": {"value": 0.6, "stderr": 0.01},
+                  "adv_shift@0.1": {"value": 1.0, "stderr": 0.1}},
+    }}
+    table = render_table(metrics)
+    lines = table.strip().splitlines()
+    assert lines[0] == "| metric | model | tuned | change | better |"
+    assert "| `probe_acc` | 0.5 ± 0.01 | 0.6 ± 0.01 | +0.1 (+20%) | ↑ |" in lines
+    assert "| `adv_shift@0.1` | 2 | 1 ± 0.1 | -1 (-50%) | ↓ |" in lines
+    assert render_table(metrics["models"], ["tuned"]).splitlines()[0] == (
+        "| metric | tuned | better |")
+    # ε defaults follow the data range's width; data in [0, 1] maps onto it
+    assert EvalConfig().eps_for((0.0, 1.0)) == (0.1, 0.2)
+    assert EvalConfig().eps_for((-1.0, 1.0)) == (0.2, 0.4)
+    assert EvalConfig(eps=(0.3,)).eps_for((-1.0, 1.0)) == (0.3,)
+    assert torch.equal(_to_model_range(torch.tensor([0.0, 0.5, 1.0]), (-1.0, 1.0)),
+                       torch.tensor([-1.0, 0.0, 1.0]))
+    with pytest.raises(selfconsist.SelfconsistError):
+        EvalConfig(eps=(0.1, -0.2))
