@@ -4,36 +4,28 @@ Python API::
 
     import selfconsist
     vae = selfconsist.load("model.safetensors")        # an adapter
-    tuned = selfconsist.tune(vae, selfconsist.TuneConfig(steps=2000), out="tuned.safetensors")
-    report = selfconsist.evaluate(vae, compare=tuned, out="eval/")
+    result = selfconsist.tune(vae, selfconsist.TuneConfig(steps=2000), out="tuned.safetensors")
+    selfconsist.evaluate(...)                           # metrics, report and figures
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from typing import TYPE_CHECKING, Any
+# The functions share names with their modules (selfconsist.tune.tune, ...). Importing them
+# here, eagerly, makes ``selfconsist.tune`` the function for good: Python only binds the
+# submodule onto the package the first time the submodule loads, which is right here.
+from .adapters import VAEAdapter, load, register_adapter  # noqa: E402
+from .errors import SelfconsistError  # noqa: E402
+from .train import TrainConfig, train  # noqa: E402
+from .tune import TuneConfig, TuneResult, tune  # noqa: E402
 
-from .adapters import VAEAdapter, load, register_adapter
-from .errors import SelfconsistError
+__all__ = ["SelfconsistError", "TrainConfig", "TuneConfig", "TuneResult", "VAEAdapter", "__version__",
+           "load", "register_adapter", "train", "tune"]
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .train import TrainConfig, train
-    from .tune import TuneConfig, tune
+try:  # the evaluation module is optional while it is being built
+    from .evaluate import EvalConfig, evaluate  # noqa: E402
 
-__all__ = ["SelfconsistError", "TrainConfig", "TuneConfig", "VAEAdapter", "__version__", "load",
-           "register_adapter", "train", "tune", "evaluate"]
-
-_LAZY = {
-    "TrainConfig": "train", "train": "train",
-    "TuneConfig": "tune", "tune": "tune",
-    "evaluate": "evaluate", "EvalConfig": "evaluate",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(name)
+    __all__ += ["EvalConfig", "evaluate"]
+except ImportError:  # pragma: no cover
+    pass

@@ -109,6 +109,7 @@ def atomic_output(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
         yield target
         if not target.exists():
             raise RuntimeError(f"nothing was written to {target}")
+        _normal_permissions(target)
         if path.is_dir() and not path.is_symlink():
             import shutil
 
@@ -118,6 +119,14 @@ def atomic_output(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
         import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _normal_permissions(path: Path) -> None:
+    """Temporary files are private (0600); give the result the usual umask-based mode."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [path, *(path.rglob("*") if path.is_dir() else [])]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:

@@ -1,0 +1,5 @@
+"""``python -m selfconsist`` is the ``selfconsist`` command."""
+
+from .cli import main
+
+main()
