@@ -307,6 +307,12 @@ def resolve(model: str, *, revision: str | None = None, trust_remote_code: bool 
         ) from None
     except HfHubHTTPError as e:
         raise _hub_error(f"cannot download {ref.repo_id}", e) from None
+    if files is None and not ref.subfolder:  # offline: the same pipeline rule, on the cached files
+        cached = [p.relative_to(folder).as_posix() for p in folder.glob("*")] + \
+                 [p.relative_to(folder).as_posix() for p in folder.glob("*/*")]
+        if sub := default_subfolder(cached):
+            print(f"{ref.repo_id} is a pipeline; using its autoencoder in {sub}/", file=sys.stderr)
+            ref = RepoRef(ref.repo_id, sub)
     path = _model_path(folder, ref, str(ref))
     front = read_front_matter(folder / "README.md") if (folder / "README.md").is_file() else {}
     lic = front.get("license")
@@ -518,6 +524,21 @@ _TUNE_FLAGS = {"--trust-remote-code", "--sample-noise", "--resume", "--overwrite
                "--private", "--create-pr", "--debug"}
 
 
+def _cached_license(repo_id: str, revision: str | None) -> str | None:
+    """The license in a repo's README front matter, if the card is in the local cache
+    (no network: the base model was usually just downloaded by ``tune``)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        path = try_to_load_from_cache(repo_id, "README.md", revision=revision)
+    except Exception:  # noqa: BLE001 - a cache we cannot read just means "unknown"
+        return None
+    if not isinstance(path, str):
+        return None
+    lic = read_front_matter(Path(path)).get("license")
+    return str(lic) if lic else None
+
+
 @dataclass
 class PushResult:
     repo_id: str
@@ -543,6 +564,8 @@ def plan_upload(bundle: Bundle, repo_id: str, *, existing_card: str | None = Non
     base = SourceInfo(repo_id=base.repo_id or recorded.repo_id,
                       revision=base.revision or recorded.revision,
                       license=base.license or recorded.license, extra=dict(base.extra))
+    if base.repo_id and not base.license:
+        base.license = _cached_license(base.repo_id, base.revision)
     files: dict[str, Path | bytes] = dict(model_files(bundle))
     evals = eval_files(bundle)
     files.update(evals)

@@ -174,10 +174,13 @@ def assert_token_only_in_auth_header(fake: FakeHub) -> None:
 
 
 @pytest.fixture
-def fake_hub(monkeypatch):
-    """Route huggingface_hub's HTTP client through a :class:`FakeHub` (online mode)."""
+def fake_hub(monkeypatch, tmp_path):
+    """Route huggingface_hub's HTTP client through a :class:`FakeHub` (online mode, with an
+    empty cache of its own)."""
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     fake = FakeHub()
     set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(fake)))
     yield fake
@@ -280,10 +283,7 @@ def test_info_loads_cached_repo_in_subprocess(tmp_path, tiny_model):
     assert no_token_in(r.stdout, r.stderr)
 
 
-def test_online_download_fetches_only_allowed_files(tmp_path, monkeypatch, fake_hub, tiny_model):
-    home = tmp_path / "hf"
-    monkeypatch.setattr(constants, "HF_HOME", str(home))
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+def test_online_download_fetches_only_allowed_files(fake_hub, tiny_model):
     weights = tiny_model.read_bytes()
     fake_hub.files.update({
         "README.md": b"---\nlicense: apache-2.0\n---\n",
@@ -414,6 +414,8 @@ def test_dry_run_writes_the_folder_and_contacts_nothing(tmp_path, tiny_model):
     out = make_outdir(tmp_path, tiny_model, readme="# Mine\n\nKeep me.\n")
     dest = tmp_path / "preview"
     # HF_HUB_OFFLINE=1: any network access would fail the run.
+    # The base model's card is in the cache (tune downloaded it): its license is carried over.
+    cache_repo(tmp_path / "hf", "owner/base", {"README.md": b"---\nlicense: bsd-3-clause\n---\n"})
     env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "HF_TOKEN": FAKE_TOKEN}
     r = cli("push", str(out), "--repo-id", "me/tuned", "--dry-run", "--dry-run-dir", str(dest), env=env)
     assert r.returncode == 0, r.stderr
@@ -423,6 +425,8 @@ def test_dry_run_writes_the_folder_and_contacts_nothing(tmp_path, tiny_model):
                    "tuned.safetensors"]
     card = (dest / "README.md").read_text()
     assert card.startswith("---\n") and "# Mine\n\nKeep me.\n" in card and modelcard.START in card
+    front, _, _ = modelcard.split_front_matter(card)
+    assert front["base_model"] == "owner/base" and front["license"] == "bsd-3-clause"
     assert (out / "README.md").read_text() == "# Mine\n\nKeep me.\n"  # OUTDIR untouched
     assert no_token_in(r.stdout, r.stderr, *tree_texts(dest))
 
@@ -506,3 +510,15 @@ def test_bad_push_repo_id_fails_before_tuning(tmp_path, tiny_model, capsys):
                     "--push-to-hub", "not-a-repo-id")
     assert code == 2 and not out.exists()
     assert "--push-to-hub 'not-a-repo-id'" in capsys.readouterr().err
+
+
+def test_push_to_branch_creates_it_and_commits_there(tmp_path, fake_hub, tiny_model, capsys):
+    out = make_outdir(tmp_path, tiny_model)
+    code = run_main("push", str(out / "tuned.safetensors"), "--repo-id", "me/tuned",
+                    "--revision", "dev", "-m", "try a branch")
+    assert code == 0, capsys.readouterr().err
+    assert "POST /api/models/me/tuned/branch/dev" in fake_hub.paths()
+    (commit,) = fake_hub.commits
+    assert commit["path"] == "/api/models/me/tuned/commit/dev" and commit["header"]["summary"] == "try a branch"
+    assert sorted(commit["files"]) == ["README.md", "tuned.safetensors"]  # a bare file: no eval
+    assert fake_hub.created[0].get("visibility") is None  # public unless --private
