@@ -12,6 +12,7 @@ from . import app
 from .common import AdapterOpt, TrustOpt, load_model
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "digits_mlp_vae.safetensors"
+EXAMPLE_STEPS = 500  # keeps the offline demo well under a minute on a laptop CPU
 
 
 def default_out(model: str) -> Path:
@@ -34,7 +35,8 @@ def tune(
     rho: float = typer.Option(0.975, "--rho", help="Coupling strength ρ in (0, 1)."),
     lambda_rec: float = typer.Option(1.0, "--lambda-rec",
                                      help="Weight of log p(x|z) on model samples (0 is cheaper, 1 is the AVAE bound)."),
-    steps: int = typer.Option(3000, "--steps", help="Optimiser steps."),
+    steps: int | None = typer.Option(None, "--steps",
+                                     help="Optimiser steps (default 3000; 500 for the bundled example)."),
     batch_size: int = typer.Option(128, "--batch-size", help="Prior samples per step."),
     lr: float = typer.Option(1e-4, "--lr", help="Adam learning rate."),
     schedule: str = typer.Option("constant", "--schedule", help="constant, cosine or linear (after warmup)."),
@@ -76,6 +78,8 @@ def tune(
             raise SelfconsistError(f"no MODEL given and the bundled example {EXAMPLE} is missing; "
                                    "pass a checkpoint path")
         model = str(EXAMPLE)
+        steps = steps or EXAMPLE_STEPS
+    steps = steps or TuneConfig.steps
     out = out or default_out(model)
     if push_to_hub is not None:  # a bad repo id fails now, not after the tuning
         from ..hub import check_repo_id
