@@ -35,6 +35,7 @@ __all__ = [
 # name -> "module:Class" (imported on first use) or the class itself.
 _REGISTRY: dict[str, str | type[VAEAdapter]] = {
     "builtin": "selfconsist.adapters.builtin:BuiltinVAE",
+    "diffusers": "selfconsist.adapters.diffusers:DiffusersVAE",
     "pythae": "selfconsist.adapters.pythae:PythaeVAE",
 }
 

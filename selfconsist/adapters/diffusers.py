@@ -1,0 +1,803 @@
+"""Adapter for the VAEs of latent-diffusion models, through the ``diffusers`` library.
+
+Three input forms, each written back in the same form:
+
+1. **a diffusers folder**: ``config.json`` + ``diffusion_pytorch_model[.VARIANT].safetensors``
+   (possibly sharded with an index), or a pipeline folder (``model_index.json``), whose
+   ``vae/`` subfolder is used. Output: a folder with the same ``config.json`` and one
+   ``diffusion_pytorch_model[.VARIANT].safetensors``.
+2. **a single file** in the original CompVis/LDM key layout (ComfyUI, A1111), e.g.
+   ``vae-ft-mse-840000-ema-pruned.safetensors``, ``sdxl_vae.safetensors``, FLUX's
+   ``ae.safetensors``, or a full SD checkpoint whose VAE sits under ``first_stage_model.``.
+   The architecture is inferred from the tensor shapes (no network, no diffusers config
+   download); the latent statistics come from the published VAE the architecture and the
+   file name point to (:data:`~selfconsist.adapters.ldm_keys.KNOWN_VAES`), or from the
+   ``model_type`` / ``scaling_factor`` / ``shift_factor`` / ``config`` load options. Output:
+   one ``.safetensors`` with the input's key names, dtypes, extra keys and header metadata.
+3. **a Hub repo id**: resolved to a local folder by :mod:`selfconsist.hub`; loaded as (1).
+
+In every output only encoder tensors (``encoder.*``, ``quant_conv.*``) differ from the
+input; every other tensor is written from the input file byte for byte.
+
+Model: q(z|x) = N(mean, exp(logvar)) from ``latent_dist`` (diffusers clamps logvar to
+[−30, 20]); g(z) = ``decode(z).sample``; data in [−1, 1]; Gaussian likelihood with
+observation variance ``obs_var`` (default 0.1, see :data:`DEFAULT_OBS_VAR`).
+
+Load options (``selfconsist.adapters.load(path, **options)``):
+``image_size`` (int or "HxW"; default the config's ``sample_size`` capped to 256),
+``obs_var``, ``variant`` (e.g. "fp16"), ``gradient_checkpointing`` (None = on when the
+model is moved to CUDA; True/"all", "encoder", False), ``tiling``, ``slicing``,
+``model_type`` (sd, sdxl, sd3, flux), ``scaling_factor``, ``shift_factor``, ``config``
+(a config.json for a single file), ``norm_num_groups`` (single files; default 32),
+``repo_id`` / ``revision`` (recorded in ``source``), ``trust_remote_code`` (allows reading
+legacy pickled ``.bin`` weights with ``torch.load(weights_only=True)``).
+
+diffusers is imported lazily (inside ``load``): ``sniff`` reads only JSON and safetensors
+headers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import CheckpointError, SelfconsistError, UnsupportedModelError
+from ..io import META_PREFIX, read_safetensors_header, save_safetensors
+from . import ldm_keys
+from .base import DiagonalGaussian, Prior, VAEAdapter
+
+#: Observation variance v of the Gaussian likelihood, in the [−1, 1] data units of these
+#: models. The published VAEs reconstruct with a mean squared error of roughly 0.005–0.02 per
+#: element in these units, but were trained with a KL weight of ~1e−6, i.e. with no
+#: meaningful v at all. v = 0.1 puts the reconstruction term on the same footing as the KL
+#: and coupling terms (about 48 data elements per latent element for an 8× VAE with
+#: 4 channels, each contributing ~err²/(2v) ≈ 0.05 nats), so neither swamps the other.
+#: Override with ``obs_var=`` at load time or ``--obs-var`` in ``selfconsist tune``.
+DEFAULT_OBS_VAR = 0.1
+#: Largest default tuning image side: the config's sample_size (often 512–1024) capped here so
+#: tuning fits a small GPU. Latents are fully convolutional, so what the encoder learns at
+#: 256×256 carries over to larger images.
+MAX_DEFAULT_IMAGE_SIZE = 256
+WEIGHTS_NAME = "diffusion_pytorch_model"
+FORMAT_FOLDER = "diffusers-folder"
+FORMAT_SINGLE = "single-file"
+
+SUPPORTED = ("AutoencoderKL", "AsymmetricAutoencoderKL")
+_SUPPORTED_TEXT = ("AutoencoderKL and AsymmetricAutoencoderKL (the image VAEs of SD 1.x/2.x, "
+                   "SDXL, SD3 and FLUX.1)")
+# Autoencoders whose encoder returns a point, not a distribution.
+DETERMINISTIC = ("AutoencoderTiny", "AutoencoderDC", "VQModel", "AutoencoderRAE")
+# Video and audio VAEs, and image VAEs with other architectures: diagonal-Gaussian encoders,
+# but other shapes (frames, waveforms), decode signatures and latent statistics.
+OTHER_KL = (
+    "AutoencoderKLTemporalDecoder", "AutoencoderKLCogVideoX", "AutoencoderKLMochi",
+    "AutoencoderKLLTXVideo", "AutoencoderKLLTX2Video", "AutoencoderKLLTX2Audio",
+    "AutoencoderKLHunyuanVideo", "AutoencoderKLHunyuanVideo15", "AutoencoderKLWan",
+    "AutoencoderKLAllegro", "AutoencoderKLCosmos", "AutoencoderKLMagvit", "AutoencoderOobleck",
+    "AutoencoderKLQwenImage", "AutoencoderKLFlux2", "AutoencoderKLHunyuanImage",
+    "AutoencoderKLHunyuanImageRefiner", "ConsistencyDecoderVAE",
+)
+
+
+def refusal(class_name: str | None) -> str | None:
+    """Why selfconsist cannot tune a diffusers model class (None when it can)."""
+    if class_name in SUPPORTED:
+        return None
+    if class_name in DETERMINISTIC:
+        return (f"{class_name} is a deterministic autoencoder: its encoder returns a single "
+                "latent, not a posterior q(z|x), so there is no posterior to make self-consistent; "
+                f"selfconsist supports {_SUPPORTED_TEXT}")
+    if class_name in OTHER_KL or (class_name or "").startswith("AutoencoderKL"):
+        return (f"{class_name} is not supported (video, audio and other-architecture VAEs are "
+                f"not wired up yet); selfconsist's diffusers adapter supports {_SUPPORTED_TEXT}")
+    return (f"{class_name or 'this model'} is not a VAE selfconsist can tune; point at the VAE "
+            f"(a pipeline's vae/ folder); supported classes: {_SUPPORTED_TEXT}")
+
+
+@dataclass
+class LoadOptions:
+    """Options of :meth:`DiffusersVAE.load` (see the module docstring)."""
+
+    image_size: int | str | tuple[int, int] | list[int] | None = None
+    obs_var: float | None = None
+    variant: str | None = None
+    gradient_checkpointing: bool | str | None = None
+    tiling: bool = False
+    slicing: bool = False
+    model_type: str | None = None
+    scaling_factor: float | None = None
+    shift_factor: float | None = None
+    config: str | Path | dict[str, Any] | None = None
+    norm_num_groups: int = 32
+    repo_id: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+    @classmethod
+    def from_dict(cls, options: Mapping[str, Any]) -> LoadOptions:
+        # Options meant for other adapters or commands are ignored, not refused.
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in options.items() if k in names and v is not None})
+
+
+# ---------------------------------------------------------------------------------------------
+# Looking at checkpoints without diffusers
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def vae_folder(path: Path) -> Path | None:
+    """The folder holding the VAE's ``config.json``: ``path`` itself for a model folder, its
+    ``vae/`` for a pipeline folder (``model_index.json``); None if neither."""
+    if not path.is_dir():
+        return None
+    cfg = _read_json(path / "config.json")
+    if cfg is not None and "_class_name" in cfg:
+        return path
+    if (path / "model_index.json").is_file():
+        vae = path / "vae"
+        cfg = _read_json(vae / "config.json")
+        if cfg is not None and "_class_name" in cfg:
+            return vae
+    return None
+
+
+def _hub_origin(path: Path) -> tuple[str | None, str | None]:
+    """(repo_id, revision) for a path inside a Hugging Face cache snapshot
+    (``…/models--ORG--NAME/snapshots/REV/…``), else (None, None)."""
+    parts = path.absolute().parts
+    for i, part in enumerate(parts[:-2]):
+        if part.startswith("models--") and parts[i + 1] == "snapshots":
+            return part[len("models--"):].replace("--", "/", 1), parts[i + 2]
+    return None, None
+
+
+@dataclass
+class _WeightFiles:
+    files: list[Path]
+    variant: str | None
+    pickled: bool = False
+
+
+def _weight_files(folder: Path, variant: str | None, trust_remote_code: bool) -> _WeightFiles:
+    """The weight files of a diffusers model folder.
+
+    Picks, in order: the requested variant; plain ``diffusion_pytorch_model.safetensors``
+    (or its sharded index); the only (or alphabetically first) variant present.
+    """
+    def found(v: str | None) -> list[Path] | None:
+        dot = f".{v}" if v else ""
+        single = folder / f"{WEIGHTS_NAME}{dot}.safetensors"
+        if single.is_file():
+            return [single]
+        index = folder / f"{WEIGHTS_NAME}.safetensors.index{dot}.json"
+        if index.is_file():
+            data = _read_json(index)
+            if data is None or not isinstance(data.get("weight_map"), dict):
+                raise CheckpointError(f"{index}: corrupt shard index")
+            shards = sorted(set(data["weight_map"].values()))
+            missing = [s for s in shards if not (folder / s).is_file()]
+            if missing:
+                raise CheckpointError(f"{folder}: shard {missing[0]} named in {index.name} is missing")
+            return [folder / s for s in shards]
+        return None
+
+    if variant is not None:
+        files = found(variant)
+        if files is None:
+            raise CheckpointError(f"{folder}: no weights for variant {variant!r} "
+                                  f"({WEIGHTS_NAME}.{variant}.safetensors)")
+        return _WeightFiles(files, variant)
+    files = found(None)
+    if files is not None:
+        return _WeightFiles(files, None)
+    variants = sorted({m.group(1) for p in folder.iterdir()
+                       if (m := re.fullmatch(re.escape(WEIGHTS_NAME) +
+                                             r"\.([A-Za-z0-9_]+)(-\d+-of-\d+)?\.safetensors", p.name))
+                       } | {m.group(1) for p in folder.iterdir()
+                            if (m := re.fullmatch(re.escape(WEIGHTS_NAME) +
+                                                  r"\.safetensors\.index\.([A-Za-z0-9_]+)\.json", p.name))})
+    for v in variants:
+        files = found(v)
+        if files is not None:
+            return _WeightFiles(files, v)
+    bins = sorted(folder.glob(f"{WEIGHTS_NAME}*.bin"))
+    if bins:
+        if not trust_remote_code:
+            raise CheckpointError(
+                f"{folder}: only pickled weights ({bins[0].name}); convert them to safetensors, "
+                "or pass --trust-remote-code to read them (torch.load with weights_only=True)")
+        m = re.fullmatch(re.escape(WEIGHTS_NAME) + r"(?:\.([A-Za-z0-9_]+))?\.bin", bins[0].name)
+        return _WeightFiles([bins[0]], m.group(1) if m else None, pickled=True)
+    raise CheckpointError(f"{folder}: no {WEIGHTS_NAME}.safetensors (nor a sharded or variant "
+                          "version) next to config.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the diffusers model
+# ---------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _quiet_diffusers() -> Iterator[None]:
+    """Silence diffusers' info/warning logs (unused config keys and the like) while loading."""
+    from diffusers.utils import logging as dlogging
+
+    level = dlogging.get_verbosity()
+    dlogging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlogging.set_verbosity(level)
+
+
+def _import_diffusers():
+    try:
+        import diffusers
+    except ImportError:
+        raise SelfconsistError(
+            "this model needs the diffusers library: pip install 'selfconsist[diffusers]'") from None
+    return diffusers
+
+
+def build_model(config: Mapping[str, Any], tensors: Mapping[str, Tensor] | None = None,
+                where: str = "model") -> nn.Module:
+    """A diffusers autoencoder from its config, with ``tensors`` (model keys) loaded in fp32.
+
+    Built on the meta device and filled by assignment, so a large VAE is not first
+    initialised at random. Raises :class:`CheckpointError` when the tensors do not fit.
+    """
+    diffusers = _import_diffusers()
+    name = config.get("_class_name", "AutoencoderKL")
+    why = refusal(name)
+    if why is not None:
+        raise UnsupportedModelError(f"{where}: {why}")
+    klass = getattr(diffusers, name)
+    cfg = {k: v for k, v in config.items() if not k.startswith("_")}
+    with _quiet_diffusers():
+        if tensors is None:
+            return klass.from_config(cfg).eval()
+        try:
+            with torch.device("meta"):
+                model = klass.from_config(cfg)
+        except Exception as e:  # noqa: BLE001 - any failure here is a bad config
+            raise CheckpointError(f"{where}: cannot build {name} from its config ({e})") from None
+    expected = model.state_dict()
+    state: dict[str, Tensor] = {}
+    for k, t in tensors.items():
+        if k not in expected:
+            raise CheckpointError(f"{where}: tensor {k} does not belong to the {name} its config "
+                                  "describes; is the config the one for these weights?")
+        want = expected[k].shape
+        if t.shape != want:
+            if t.numel() != math.prod(want):  # 1×1-conv vs linear attention weights differ only so
+                raise CheckpointError(f"{where}: tensor {k} has shape {tuple(t.shape)}, the config "
+                                      f"needs {tuple(want)}")
+            t = t.reshape(want)
+        state[k] = t.float() if t.is_floating_point() else t
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise CheckpointError(f"{where}: {len(missing)} tensors the config needs are missing "
+                              f"(first: {missing[0]}); is the config the one for these weights?")
+    model.load_state_dict(state, strict=True, assign=True)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:  # a buffer that is not in the state dict: build normally instead
+        with _quiet_diffusers():
+            model = klass.from_config(cfg)
+        model.load_state_dict(state, strict=True)
+    return model.float().eval()
+
+
+def _parse_size(value: Any, factor: int) -> tuple[int, int]:
+    if isinstance(value, str):
+        parts = re.split(r"[x×,]", value.lower().strip())
+        try:
+            value = [int(p) for p in parts if p]
+        except ValueError:
+            raise SelfconsistError(f"--image-size {value!r}: give N or HxW, e.g. 256 or 256x384") from None
+    if isinstance(value, int):
+        value = (value, value)
+    value = tuple(int(v) for v in value)
+    if len(value) == 1:
+        value = value * 2
+    if len(value) != 2 or min(value) <= 0 or any(v % factor for v in value):
+        raise SelfconsistError(f"--image-size {value}: sides must be positive multiples of the "
+                               f"VAE's downsampling factor {factor}")
+    return value  # type: ignore[return-value]
+
+
+def _default_size(sample_size: Any, factor: int) -> tuple[int, int]:
+    if isinstance(sample_size, (list, tuple)):
+        h, w = int(sample_size[0]), int(sample_size[-1])
+    else:
+        h = w = int(sample_size or MAX_DEFAULT_IMAGE_SIZE)
+    cap = max(factor, MAX_DEFAULT_IMAGE_SIZE // factor * factor)
+    h, w = (max(factor, min(s, cap) // factor * factor) for s in (h, w))
+    return h, w
+
+
+# ---------------------------------------------------------------------------------------------
+# The adapter
+# ---------------------------------------------------------------------------------------------
+
+
+class DiffusersVAE(VAEAdapter):
+    """A diffusers ``AutoencoderKL`` / ``AsymmetricAutoencoderKL`` seen by selfconsist."""
+
+    name = "diffusers"
+    likelihood = "gaussian"
+
+    def __init__(self, model: nn.Module, *, image_size: Any = None,
+                 obs_var: float | None = None) -> None:
+        super().__init__()
+        self.model = model.eval()
+        cfg = dict(model.config)
+        self.class_name: str = type(model).__name__
+        widths = cfg.get("down_block_out_channels") or cfg["block_out_channels"]
+        self.downsample_factor = 2 ** (len(widths) - 1)
+        self.image_size = (_parse_size(image_size, self.downsample_factor) if image_size is not None
+                           else _default_size(cfg.get("sample_size"), self.downsample_factor))
+        self.obs_var = float(obs_var) if obs_var is not None else DEFAULT_OBS_VAR
+        if self.obs_var <= 0:
+            raise SelfconsistError("--obs-var must be positive")
+        self.metadata: dict[str, str] = {}
+        self.gradient_checkpointing: bool | str | None = None
+        self.config_source = "config.json"
+        self.source.format = FORMAT_FOLDER
+        # Where save() rereads the untouched tensors from; empty for an in-memory model.
+        self._files: list[Path] = []
+        self._file_stats: list[tuple[int, int]] = []
+        self._key_map: dict[str, str] = {}  # file key -> model key
+        self._pickled = False
+        self._config_bytes: bytes | None = None
+        self._weights_file = f"{WEIGHTS_NAME}.safetensors"
+        self._prior_cache: tuple[torch.device, dict[str, Prior]] | None = None
+
+    # --- construction ------------------------------------------------------------------------
+    @classmethod
+    def from_model(cls, model: nn.Module, **options: Any) -> DiffusersVAE:
+        """Wrap an in-memory diffusers model (``save`` then writes a diffusers folder in fp32)."""
+        opts = LoadOptions.from_dict(options)
+        why = refusal(type(model).__name__)
+        if why is not None:
+            raise UnsupportedModelError(why)
+        vae = cls(model.float(), image_size=opts.image_size, obs_var=opts.obs_var)
+        vae._apply_options(opts)
+        return vae
+
+    @classmethod
+    def sniff(cls, path: Path) -> bool:
+        path = Path(path)
+        if path.is_dir():
+            return vae_folder(path) is not None
+        if path.is_file() and path.suffix == ".safetensors":
+            try:
+                header = read_safetensors_header(path)
+            except CheckpointError:
+                return False
+            return ldm_keys.detect_layout(k for k in header if k != "__metadata__") is not None
+        return False
+
+    @classmethod
+    def load(cls, path: Path, **options: Any) -> DiffusersVAE:
+        path = Path(path)
+        opts = LoadOptions.from_dict(options)
+        if path.is_dir():
+            vae = cls._load_folder(path, opts)
+        elif path.is_file() and path.suffix == ".safetensors":
+            vae = cls._load_single_file(path, opts)
+        else:
+            raise CheckpointError(f"{path}: expected a diffusers model folder, a pipeline folder "
+                                  "or a .safetensors VAE file")
+        repo_id, revision = _hub_origin(path)
+        vae.source.repo_id = opts.repo_id or repo_id
+        vae.source.revision = opts.revision or revision
+        vae._apply_options(opts)
+        return vae
+
+    @classmethod
+    def _load_folder(cls, path: Path, opts: LoadOptions) -> DiffusersVAE:
+        folder = vae_folder(path)
+        if folder is None:
+            raise CheckpointError(f"{path}: no diffusers config.json (with _class_name) here or "
+                                  "in a vae/ subfolder of a pipeline")
+        config_bytes = (folder / "config.json").read_bytes()
+        config = json.loads(config_bytes)
+        why = refusal(config.get("_class_name"))
+        if why is not None:
+            raise UnsupportedModelError(f"{folder}: {why}")
+        wf = _weight_files(folder, opts.variant, opts.trust_remote_code)
+        tensors, meta = _read_tensors(wf.files, pickled=wf.pickled)
+        key_map = ldm_keys.file_to_model_keys(list(tensors), "diffusers", "")
+        config = _override_stats(config, opts)
+        model = build_model(config, {key_map[k]: t for k, t in tensors.items() if k in key_map},
+                            where=str(folder))
+        vae = cls(model, image_size=opts.image_size, obs_var=opts.obs_var)
+        vae._remember_files(wf.files, key_map, pickled=wf.pickled)
+        vae._config_bytes = config_bytes if config == json.loads(config_bytes) else (
+            json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+        dot = f".{wf.variant}" if wf.variant else ""
+        vae._weights_file = f"{WEIGHTS_NAME}{dot}.safetensors"
+        vae.metadata = meta
+        # The folder actually read: for a pipeline that is vae/, so the input hash that tune
+        # records covers the VAE and not the whole pipeline's gigabytes.
+        vae.source.path = folder
+        vae.source.format = FORMAT_FOLDER
+        vae.source.extra.update({"class": vae.class_name, "variant": wf.variant,
+                                 "subfolder": "vae" if folder != path else None,
+                                 "pipeline": str(path) if folder != path else None,
+                                 "dtype": _dtype_name(tensors)})
+        return vae
+
+    @classmethod
+    def _load_single_file(cls, path: Path, opts: LoadOptions) -> DiffusersVAE:
+        header = read_safetensors_header(path)
+        meta = dict(header.get("__metadata__") or {})
+        keys = [k for k in header if k != "__metadata__"]
+        found = ldm_keys.detect_layout(keys)
+        if found is None:
+            raise CheckpointError(f"{path}: no Stable-Diffusion-style VAE tensors (encoder.conv_in, "
+                                  "encoder.down…) in this file")
+        layout, prefix = found
+        key_map = ldm_keys.file_to_model_keys(keys, layout, prefix)
+        config, source = _single_file_config(path, header, layout, prefix, meta, opts)
+        config = _override_stats(config, opts)
+        tensors, _ = _read_tensors([path], only=set(key_map))
+        model = build_model(config, {key_map[k]: t for k, t in tensors.items()}, where=str(path))
+        vae = cls(model, image_size=opts.image_size, obs_var=opts.obs_var)
+        vae._remember_files([path], key_map)
+        vae.config_source = source
+        vae.metadata = meta
+        vae.source.path = path
+        vae.source.format = FORMAT_SINGLE
+        vae.source.extra.update({"class": vae.class_name, "layout": layout, "prefix": prefix,
+                                 "dtype": _dtype_name(tensors), "config_source": source})
+        return vae
+
+    def _remember_files(self, files: list[Path], key_map: dict[str, str], pickled: bool = False) -> None:
+        self._files = list(files)
+        self._file_stats = [_stat(f) for f in files]
+        self._key_map = dict(key_map)
+        self._pickled = pickled
+
+    def _apply_options(self, opts: LoadOptions) -> None:
+        self.gradient_checkpointing = opts.gradient_checkpointing
+        if opts.tiling:
+            self.enable_tiling()
+        if opts.slicing:
+            self.enable_slicing()
+        self._set_checkpointing(self.device)
+
+    # --- memory ------------------------------------------------------------------------------
+    def enable_tiling(self, enabled: bool = True) -> None:
+        """Encode and decode large images tile by tile (diffusers' tiling; AutoencoderKL only).
+        Tiles are ``sample_size`` pixels, so images at or below it are not tiled."""
+        if not hasattr(self.model, "use_tiling"):
+            raise SelfconsistError(f"{self.class_name} does not support tiling")
+        self.model.use_tiling = enabled
+
+    def enable_slicing(self, enabled: bool = True) -> None:
+        """Encode and decode a batch one image at a time (less memory, same results)."""
+        if not hasattr(self.model, "use_slicing"):
+            raise SelfconsistError(f"{self.class_name} does not support slicing")
+        self.model.use_slicing = enabled
+
+    def _set_checkpointing(self, device: torch.device) -> None:
+        """Gradient checkpointing: recompute block activations in the backward pass.
+
+        ``None`` (auto) turns it on for the encoder and decoder when the model runs on CUDA,
+        where activations of 256×256 images dominate memory; ``"encoder"`` limits it to the
+        encoder; False turns it off. The decoder is frozen, but with λ_rec > 0 the gradient
+        flows back through it, so its activations count too.
+        """
+        mode = self.gradient_checkpointing
+        if mode is None:
+            mode = "all" if device.type == "cuda" else False
+        if mode is True:
+            mode = "all"
+        if mode not in (False, "all", "encoder"):
+            raise SelfconsistError(f"gradient_checkpointing must be true, false, 'encoder' or 'all', "
+                                   f"got {mode!r}")
+        if not getattr(self.model, "_supports_gradient_checkpointing", False):
+            return
+        if mode:
+            self.model.enable_gradient_checkpointing()
+            if mode == "encoder":
+                for m in self.model.decoder.modules():
+                    if hasattr(m, "gradient_checkpointing"):
+                        m.gradient_checkpointing = False
+        elif self.model.is_gradient_checkpointing:
+            self.model.disable_gradient_checkpointing()
+
+    @property
+    def checkpointing(self) -> dict[str, bool]:
+        """Whether gradient checkpointing is on, for the encoder and the decoder."""
+        def on(module: nn.Module) -> bool:
+            return any(getattr(m, "gradient_checkpointing", False) for m in module.modules())
+        return {"encoder": on(self.model.encoder), "decoder": on(self.model.decoder)}
+
+    def to(self, device: torch.device | str) -> DiffusersVAE:
+        device = torch.device(device)
+        self.model.to(device)
+        self._set_checkpointing(device)
+        return self
+
+    # --- protocol ----------------------------------------------------------------------------
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        h, w = self.image_size
+        f = self.downsample_factor
+        return (int(self.model.config.latent_channels), h // f, w // f)
+
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        return (int(self.model.config.in_channels), *self.image_size)
+
+    @property
+    def data_range(self) -> tuple[float, float]:
+        return (-1.0, 1.0)
+
+    def encode(self, x: Tensor) -> DiagonalGaussian:
+        dist = self.model.encode(x).latent_dist  # logvar already clamped to [−30, 20]
+        return DiagonalGaussian(dist.mean, dist.logvar)
+
+    def decode(self, z: Tensor) -> Tensor:
+        return self.model.decode(z).sample
+
+    def encoder_modules(self) -> list[nn.Module]:
+        mods = [self.model.encoder]
+        if getattr(self.model, "quant_conv", None) is not None:
+            mods.append(self.model.quant_conv)
+        return mods
+
+    def decoder_modules(self) -> list[nn.Module]:
+        mods = [self.model.decoder]
+        if getattr(self.model, "post_quant_conv", None) is not None:
+            mods.append(self.model.post_quant_conv)
+        return mods
+
+    def priors(self) -> dict[str, Prior]:
+        r"""``diffusion`` (default) and ``nominal``.
+
+        Diffusion pipelines generate scaled latents ẑ ≈ N(0, I) and decode
+        raw = ẑ / scaling_factor + shift_factor, or, when the config has per-channel
+        ``latents_mean`` / ``latents_std`` (SDXL-style pipelines),
+        raw = ẑ · latents_std / scaling_factor + latents_mean. The decoder's typical inputs
+        therefore follow N(shift, (1/scaling)²), resp. N(mean_c, (std_c/scaling)²) per channel.
+        """
+        dev = self.device
+        if self._prior_cache is not None and self._prior_cache[0] == dev:
+            return self._prior_cache[1]
+        cfg = self.model.config
+        c = int(cfg.latent_channels)
+        scale = float(getattr(cfg, "scaling_factor", None) or 1.0)
+        lm, ls = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+        if lm is not None and ls is not None:
+            mean = torch.tensor([float(v) for v in lm], device=dev).reshape(c, 1, 1)
+            std = torch.tensor([float(v) for v in ls], device=dev).reshape(c, 1, 1) / scale
+            desc = (f"N(latents_mean, (latents_std/{scale:g})²) per channel: pipelines decode "
+                    f"raw = ẑ·latents_std/{scale:g} + latents_mean")
+        else:
+            shift = float(getattr(cfg, "shift_factor", None) or 0.0)
+            mean = torch.full((1, 1, 1), shift, device=dev)
+            std = torch.full((1, 1, 1), 1.0 / scale, device=dev)
+            desc = (f"N({shift:g}, (1/{scale:g})²): pipelines decode raw = ẑ/{scale:g}"
+                    + (f" + {shift:g}" if shift else ""))
+        out = {
+            "diffusion": Prior(mean, std, "diffusion", desc),
+            "nominal": Prior(torch.zeros(1, 1, 1, device=dev), torch.ones(1, 1, 1, device=dev),
+                             "nominal", "N(0, I): the VAE's own training prior"),
+        }
+        self._prior_cache = (dev, out)
+        return out
+
+    # --- saving ------------------------------------------------------------------------------
+    def _encoder_model_keys(self) -> set[str]:
+        keys: set[str] = set()
+        for attr in ("encoder", "quant_conv"):
+            mod = getattr(self.model, attr, None)
+            if mod is not None:
+                keys |= {f"{attr}.{k}" for k in mod.state_dict()}
+        return keys
+
+    def output_tensors(self) -> dict[str, Tensor]:
+        """The tensors to write: the input file's keys, shapes and dtypes, with the encoder's
+        tensors taken from the (tuned) model and every other tensor reread from the input."""
+        state = self.model.state_dict()
+        if not self._files:  # an in-memory model: plain diffusers keys
+            return {k: v.detach().to("cpu") for k, v in state.items()}
+        for f, st in zip(self._files, self._file_stats, strict=True):
+            if not f.is_file() or _stat(f) != st:
+                raise SelfconsistError(f"{f} changed or vanished since it was loaded; load the "
+                                       "model again before saving")
+        enc = self._encoder_model_keys()
+        original, _ = _read_tensors(self._files, pickled=self._pickled)
+        out: dict[str, Tensor] = {}
+        written: set[str] = set()
+        for k, t in original.items():
+            mk = self._key_map.get(k)
+            if mk in enc:
+                out[k] = state[mk].detach().to("cpu").reshape(t.shape).to(t.dtype)
+                written.add(mk)
+            else:
+                out[k] = t
+        if written != enc:  # a guard on our promise: every tuned tensor reaches the file
+            raise RuntimeError(f"encoder tensors missing from the output: {sorted(enc - written)[:3]}")
+        return out
+
+    def save(self, path: str | Path, metadata: Mapping[str, str] | None = None) -> None:
+        """Write the model in the form it came in (see the module docstring)."""
+        path = Path(path)
+        meta = dict(self.metadata)
+        meta.update(metadata or {})
+        meta[META_PREFIX + "format"] = self.source.format
+        tensors = self.output_tensors()
+        if self.source.format == FORMAT_SINGLE:
+            # So a reload finds the same latent statistics without guessing from the file name.
+            cfg = {k: v for k, v in dict(self.model.config).items() if not k.startswith("_")}
+            meta[META_PREFIX + "diffusers_config"] = json.dumps(
+                {"_class_name": self.class_name, **cfg}, sort_keys=True, default=list)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_safetensors(tensors, path, meta)
+            return
+        path.mkdir(parents=True, exist_ok=True)
+        config_bytes = self._config_bytes
+        if config_bytes is None:
+            config_bytes = self.model.to_json_string().encode()
+        (path / "config.json").write_bytes(config_bytes)
+        save_safetensors(tensors, path / self._weights_file, meta)
+
+    # --- reporting ---------------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        cfg = self.model.config
+        widths = list(getattr(cfg, "down_block_out_channels", None) or cfg.block_out_channels)
+        layers = getattr(cfg, "layers_per_down_block", None) or cfg.layers_per_block
+        info: dict[str, Any] = {
+            "architecture": f"{self.class_name}: blocks {widths} × {layers} layers, "
+                            f"{self.downsample_factor}× downsampling, "
+                            f"{cfg.latent_channels} latent channels",
+            "format": self.source.format + (f" (variant {self.source.extra['variant']})"
+                                            if self.source.extra.get("variant") else ""),
+            "likelihood": f"gaussian (v={self.obs_var:g})",
+            "scaling_factor": getattr(cfg, "scaling_factor", None),
+            "shift_factor": getattr(cfg, "shift_factor", None),
+            "image_size": list(self.image_size),
+            "config_source": self.config_source,
+        }
+        if "dtype" in self.source.extra:
+            info["dtype"] = self.source.extra["dtype"]
+        if self.source.repo_id:
+            info["repo_id"] = self.source.repo_id
+        return info
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return (st.st_size, st.st_mtime_ns)
+
+
+def _dtype_name(tensors: Mapping[str, Tensor]) -> str:
+    names = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()
+                    if t.is_floating_point()})
+    return "/".join(names) or "none"
+
+
+def _read_tensors(files: list[Path], only: set[str] | None = None,
+                  pickled: bool = False) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Tensors (all, or the keys in ``only``) and the first file's header metadata."""
+    if pickled:
+        try:
+            sd = torch.load(files[0], map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any failure means a bad file
+            raise CheckpointError(f"{files[0]}: cannot read ({e})") from None
+        return {k: v for k, v in sd.items() if only is None or k in only}, {}
+    from safetensors import safe_open
+
+    tensors: dict[str, Tensor] = {}
+    meta: dict[str, str] = {}
+    for i, f in enumerate(files):
+        header = read_safetensors_header(f)
+        if i == 0:
+            meta = dict(header.get("__metadata__") or {})
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for k in fh.keys():
+                    if only is None or k in only:
+                        tensors[k] = fh.get_tensor(k)
+        except Exception as e:  # noqa: BLE001 - safetensors' error class differs across versions
+            raise CheckpointError(f"{f}: cannot read safetensors file ({e})") from None
+    return tensors, meta
+
+
+def _note(message: str) -> None:
+    """One line on stderr (results go to stdout) for a guess the user may want to correct."""
+    print(f"note: {message}", file=sys.stderr, flush=True)
+
+
+def _override_stats(config: dict[str, Any], opts: LoadOptions) -> dict[str, Any]:
+    config = dict(config)
+    if opts.scaling_factor is not None:
+        if opts.scaling_factor <= 0:
+            raise SelfconsistError("scaling_factor must be positive")
+        config["scaling_factor"] = float(opts.scaling_factor)
+    if opts.shift_factor is not None:
+        config["shift_factor"] = float(opts.shift_factor)
+    return config
+
+
+def _single_file_config(path: Path, header: Mapping[str, Any], layout: str, prefix: str,
+                        meta: Mapping[str, str], opts: LoadOptions) -> tuple[dict[str, Any], str]:
+    """The model config of a single-file checkpoint and where it came from.
+
+    In order: the ``config`` option; a config recorded by an earlier selfconsist run; a
+    ``config.json`` beside a diffusers-layout file; the ``model_type`` option; inference from
+    the tensor shapes plus the statistics of the matching published VAE.
+    """
+    if opts.config is not None:
+        if isinstance(opts.config, dict):
+            return dict(opts.config), "config option"
+        cfg = _read_json(Path(opts.config))
+        if cfg is None:
+            raise SelfconsistError(f"config {opts.config}: not a readable JSON object")
+        return cfg, f"config option ({opts.config})"
+    recorded = meta.get(META_PREFIX + "diffusers_config")
+    if recorded:
+        try:
+            return json.loads(recorded), "recorded by selfconsist"
+        except json.JSONDecodeError:
+            pass
+    if layout == "diffusers":
+        cfg = _read_json(path.parent / "config.json")
+        if cfg is not None and cfg.get("_class_name") in SUPPORTED:
+            return cfg, "config.json beside the file"
+    shapes = {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+    try:
+        cfg = ldm_keys.infer_config(shapes, layout, prefix, opts.norm_num_groups)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: cannot infer the VAE architecture from its tensors ({e}); "
+                              "pass a diffusers config.json as the config option") from None
+    if opts.model_type is not None:
+        try:
+            known = ldm_keys.known_vae(opts.model_type)
+        except KeyError:
+            names = [k.name for k in ldm_keys.KNOWN_VAES]
+            raise SelfconsistError(f"model_type {opts.model_type!r}: choose one of {names}") from None
+        how = "model_type option"
+    else:
+        known, how = ldm_keys.match_known(cfg, path.name)
+    if known is None:
+        cfg["sample_size"] = MAX_DEFAULT_IMAGE_SIZE
+        if opts.scaling_factor is None:
+            _note(f"{path.name}: not a VAE architecture selfconsist knows, so its latent scaling "
+                  "factor is unknown; the diffusion prior uses diffusers' default 0.18215 "
+                  "(pass scaling_factor / shift_factor, or a config)")
+        return cfg, "inferred from tensors"
+    if how == "default" and opts.scaling_factor is None and any(
+            k.name != known.name and k.latent_channels == known.latent_channels
+            for k in ldm_keys.KNOWN_VAES):
+        _note(f"{path.name}: the file name does not say which model this VAE belongs to; "
+              f"assuming {known.description} (pass model_type to choose another)")
+    cfg.update(known.config)
+    return cfg, f"inferred from tensors; statistics of {known.name} ({how})"
