@@ -423,6 +423,31 @@ def test_diffusers_layout_single_file_uses_the_config_beside_it(folders, tmp_pat
     assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("encoder."))
 
 
+def test_old_diffusers_attention_names_are_read_and_kept(tmp_path, base_model):
+    """Checkpoints from diffusers < 0.14 name the attention layers query/key/value/proj_attn."""
+    old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    sd = {}
+    for k, v in base_model.state_dict().items():
+        for new, name in old.items():
+            k = k.replace(f".attentions.0.{new}.", f".attentions.0.{name}.")
+        sd[k] = v.contiguous()
+    folder = tmp_path / "old"
+    folder.mkdir()
+    base_model.save_config(folder)
+    save_file(sd, str(folder / "diffusion_pytorch_model.safetensors"))
+    vae = load(folder)
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(vae.encode(x).mean, base_model.encode(x).latent_dist.mean)
+    tune(vae, TuneConfig(**QUICK), out=tmp_path / "old2", progress=False)
+    out = load_file(str(tmp_path / "old2" / "diffusion_pytorch_model.safetensors"))
+    assert set(out) == set(sd) and "encoder.mid_block.attentions.0.query.weight" in out
+    assert not torch.equal(out["encoder.mid_block.attentions.0.query.weight"],
+                           sd["encoder.mid_block.attentions.0.query.weight"])
+    assert torch.equal(out["decoder.mid_block.attentions.0.query.weight"],
+                       sd["decoder.mid_block.attentions.0.query.weight"])
+
+
 def test_asymmetric_autoencoder_roundtrip(tmp_path):
     torch.manual_seed(0)
     m = AsymmetricAutoencoderKL(down_block_out_channels=(32, 64), up_block_out_channels=(32, 64),
