@@ -160,6 +160,9 @@ class EvalConfig:
         if self.eps is not None:
             return self.eps
         span = data_range[1] - data_range[0]
+        if not math.isfinite(span):
+            raise SelfconsistError("the model's data range is unbounded, so ε has no default; "
+                                   "pass --eps in the model's data units")
         return (round(0.1 * span, 6), round(0.2 * span, 6))
 
 
@@ -297,8 +300,11 @@ def _prepare_data(data: Any, labels: Any, cfg: EvalConfig, data_shape: tuple[int
 
 
 def _to_model_range(x: Tensor, data_range: tuple[float, float]) -> Tensor:
-    """Data in [0, 1] → the adapter's range: x_model = lo + (hi − lo)·x."""
+    """Data in [0, 1] → the adapter's range: x_model = lo + (hi − lo)·x (as given when the
+    range is unbounded)."""
     lo, hi = data_range
+    if not math.isfinite(hi - lo):
+        return x
     return lo + (hi - lo) * x
 
 
@@ -375,7 +381,8 @@ def _evaluate_model(vae: VAEAdapter, cfg: EvalConfig, split: _Split | None, stag
         with stages.stage(f"{label}: reconstruction, active units"):
             mse = M.Estimate.of(M.reconstruction_mse(vae, test_x, bs))
             out["recon_mse"] = mse
-            out["recon_psnr"] = M.psnr(mse, rng)
+            if math.isfinite(rng[1] - rng[0]):  # PSNR needs a bounded range
+                out["recon_psnr"] = M.psnr(mse, rng)
             mu, _ = M.encode_mean(vae, test_x, bs)
             mu = mu.reshape(mu.shape[0], -1).cpu()
             thr = cfg.active_threshold
@@ -492,6 +499,10 @@ def render_report(metrics: dict[str, Any], figures: dict[str, str] | None = None
     lines.append(f"- seed {cfg.get('seed')}, {cfg.get('samples')} prior samples, "
                  f"ε = {', '.join(f'{e:g}' for e in cfg.get('eps_used', []))} (data units), "
                  f"PGD {cfg.get('pgd_steps')} steps of ε/8, ρ = {cfg.get('rho')}")
+    modes = cfg.get("responsive_mode", {})
+    if "channel" in modes.values():
+        lines.append("- decoder-responsive elements were probed per latent channel (the "
+                     "latent is large): every element of a channel shares its verdict")
     lines += ["", "## Metrics", "", render_table(metrics, names)]
     lines += ["Values are `value ± standard error`. ↑/↓: which way is better; counts without an "
               "arrow describe the model rather than rank it. A robustness number counts only "
@@ -597,6 +608,7 @@ def evaluate(model: Any, compare: Any = None, *, data: Any = None, labels: Any =
             m.eval()
 
     first = next(iter(vaes.values()))
+    eps_used = cfg.eps_for(first.data_range)  # an unbounded range without --eps fails here
     split = _prepare_data(data, labels, cfg, tuple(first.data_shape)) if data is not None else None
     has_labels = split is not None and split.test_y is not None
     n_stages = len(_stage_names(split is not None, has_labels)) * len(vaes) + 1
@@ -612,7 +624,6 @@ def evaluate(model: Any, compare: Any = None, *, data: Any = None, labels: Any =
             results[n] = {k: e.as_dict() for k, e in res.items()}
             artifacts[n] = art
         with stages.stage("report"):
-            eps_used = cfg.eps_for(first.data_range)
             metrics: dict[str, Any] = {
                 "models": results,
                 "config": {**asdict(cfg), "eps_used": list(eps_used),

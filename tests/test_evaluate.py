@@ -184,3 +184,22 @@ def test_render_table_and_config() -> None:
                        torch.tensor([-1.0, 0.0, 1.0]))
     with pytest.raises(selfconsist.SelfconsistError):
         EvalConfig(eps=(0.1, -0.2))
+
+
+def test_evaluate_a_perfectly_self_consistent_model() -> None:
+    from .test_metrics import LinearGaussianVAE, orthonormal
+
+    vae = LinearGaussianVAE(orthonormal(12, 4), lo=-math.inf, hi=math.inf)
+    cfg = EvalConfig(samples=300, device="cpu", bootstrap=20)
+    with pytest.raises(selfconsist.SelfconsistError, match="--eps"):
+        selfconsist.evaluate(vae, config=cfg)  # unbounded range: ε needs giving
+    cfg = EvalConfig(samples=300, device="cpu", bootstrap=20, eps=(0.05,))
+    x = vae.decode(torch.randn(200, 4, generator=torch.Generator().manual_seed(1))).detach()
+    res = selfconsist.evaluate(vae, data=x, config=cfg).metrics["models"]["model"]
+    assert res["sample_roundtrip_mse"]["value"] < 1e-10
+    assert res["drift@10"]["value"] < 1e-10 and res["drift_data@10"]["value"] < 1e-10
+    assert res["latent_roundtrip_corr"]["value"] == pytest.approx(1.0, abs=1e-5)
+    assert res["latent_roundtrip_corr_responsive"]["value"] == pytest.approx(1.0, abs=1e-5)
+    assert res["responsive_elements"]["value"] == 4 and res["responsive_active"]["value"] == 4
+    assert res["recon_mse"]["value"] < 1e-10
+    assert "recon_psnr" not in res  # no PSNR without a bounded data range
