@@ -34,9 +34,7 @@ from __future__ import annotations
 import json
 import math
 import platform
-import sys
 import time
-import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -660,13 +658,3 @@ def evaluate(model: Any, compare: Any = None, *, data: Any = None, labels: Any =
                     (tmp / "report.md").write_text(report)
     return EvalResult(metrics, report, out_path, figures)
 
-
-class _CallableModule(types.ModuleType):
-    """``selfconsist.evaluate`` is both this module and the function: importing the module
-    (the CLI does) makes it the package attribute, so calling it must still evaluate."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> EvalResult:
-        return evaluate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
