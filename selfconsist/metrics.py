@@ -366,7 +366,10 @@ def ratio_estimate(num: Estimate, den: float) -> Estimate:
 
 @dataclass
 class LinearProbe:
-    """Multinomial logistic regression on standardised codes: logits = ((f − m)/s)·W + b."""
+    """Multinomial logistic regression on codes: logits = ((f − m)/s)·W + b.
+
+    ``fit_probe`` uses m = 0, s = 1 (raw whitened codes) unless asked to standardise.
+    """
 
     mean: Tensor  # (F,)
     scale: Tensor  # (F,)
@@ -384,18 +387,21 @@ class LinearProbe:
 
 
 def fit_probe(features: Tensor, labels: Tensor, n_classes: int | None = None, l2: float = 1e-4,
-              max_iter: int = 200) -> LinearProbe:
+              max_iter: int = 200, standardize: bool = False) -> LinearProbe:
     """Fit a linear probe by full-batch L-BFGS (deterministic: zero start, no sampling).
 
-    Minimises  mean_i CE(softmax(W·f̃ᵢ + b), yᵢ) + l2·‖W‖²  over W, b, with f̃ the features
-    standardised by their train mean and standard deviation (floored at 1e-4, so constant
-    features stay 0 and carry no signal). Runs in float64 on CPU.
+    Minimises  mean_i CE(softmax(W·f̃ᵢ + b), yᵢ) + l2·‖W‖²  over W, b. By default f̃ are the
+    whitened codes μ̂ themselves: they share the prior's unit scale, and standardising would
+    blow up near-inactive elements (variance ≈ 0) into features an attacker can move at will.
+    ``standardize=True`` uses (f − mean)/std instead (std floored at 1e-4). Float64 on CPU.
     """
     f = features.reshape(features.shape[0], -1).double().cpu()
     y = labels.long().cpu()
     k = int(n_classes if n_classes is not None else int(y.max()) + 1)
-    mean = f.mean(0)
-    scale = f.std(0, unbiased=False).clamp_min(1e-4)
+    if standardize:
+        mean, scale = f.mean(0), f.std(0, unbiased=False).clamp_min(1e-4)
+    else:
+        mean, scale = torch.zeros(f.shape[1], dtype=f.dtype), torch.ones(f.shape[1], dtype=f.dtype)
     ft = (f - mean) / scale
     w = torch.zeros(ft.shape[1], k, dtype=torch.float64, requires_grad=True)
     b = torch.zeros(k, dtype=torch.float64, requires_grad=True)

@@ -20,7 +20,7 @@ DATA_FREE = {"sample_roundtrip_mse", "latent_roundtrip_corr", "consistency_kl", 
              "adv_shift@0.1", "adv_shift@0.2", "responsive_elements"}
 WITH_DATA = {"recon_mse", "recon_psnr", "active_units", "responsive_active", "drift_data@10",
              "adv_shift_data@0.1", "adv_shift_data@0.2"}
-WITH_LABELS = {"probe_acc", "probe_acc_adv@0.1", "probe_acc_adv@0.2"}
+WITH_LABELS = {"probe_acc", "probe_acc_adv@0.1", "probe_acc_adv@0.2", "probe_acc_ce@0.1", "probe_acc_ce@0.2"}
 
 
 @pytest.fixture(scope="module")
