@@ -285,6 +285,10 @@ def tune(vae: VAEAdapter, cfg: TuneConfig | None = None, out: str | Path | None 
                 META_PREFIX + "version": __version__,
                 META_PREFIX + "input_sha256": input_sha or "",
                 META_PREFIX + "adapter": vae.name,
+                META_PREFIX + "source": json_meta({"repo_id": vae.source.repo_id,
+                                                   "revision": vae.source.revision,
+                                                   "license": vae.source.license,
+                                                   "format": vae.source.format}),
                 META_PREFIX + "metrics": json_meta({"before": before, "after": after}),
                 **(metadata or {})}
         with atomic_output(out, overwrite=overwrite) as tmp:
