@@ -5,7 +5,7 @@ Python API::
     import selfconsist
     vae = selfconsist.load("model.safetensors")        # an adapter
     result = selfconsist.tune(vae, selfconsist.TuneConfig(steps=2000), out="tuned.safetensors")
-    selfconsist.evaluate(...)                           # metrics, report and figures
+    selfconsist.evaluate(vae, compare=result.vae, data="digits", out="eval/")
 """
 
 from __future__ import annotations
@@ -17,15 +17,9 @@ __version__ = "0.1.0"
 # submodule onto the package the first time the submodule loads, which is right here.
 from .adapters import VAEAdapter, load, register_adapter  # noqa: E402
 from .errors import SelfconsistError  # noqa: E402
+from .evaluate import EvalConfig, evaluate  # noqa: E402
 from .train import TrainConfig, train  # noqa: E402
 from .tune import TuneConfig, TuneResult, tune  # noqa: E402
 
-__all__ = ["SelfconsistError", "TrainConfig", "TuneConfig", "TuneResult", "VAEAdapter", "__version__",
-           "load", "register_adapter", "train", "tune"]
-
-try:  # the evaluation module is optional while it is being built
-    from .evaluate import EvalConfig, evaluate  # noqa: E402
-
-    __all__ += ["EvalConfig", "evaluate"]
-except ImportError:  # pragma: no cover
-    pass
+__all__ = ["EvalConfig", "SelfconsistError", "TrainConfig", "TuneConfig", "TuneResult", "VAEAdapter",
+           "__version__", "evaluate", "load", "register_adapter", "train", "tune"]

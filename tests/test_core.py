@@ -155,7 +155,7 @@ def test_bad_checkpoints_raise_clear_errors(tmp_path, digits_model):
 
 # --- the CLI -----------------------------------------------------------------------------------
 def test_help_explains_every_option():
-    for cmd in ([], ["info"], ["train"], ["tune"]):
+    for cmd in ([], ["info"], ["train"], ["tune"], ["eval"], ["push"]):
         r = run_cli(*cmd, "--help")
         assert r.returncode == 0, r.stderr
         assert "Usage" in r.stdout
