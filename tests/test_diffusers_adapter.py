@@ -638,3 +638,18 @@ def test_sample_roundtrip_error_falls_on_a_vae_trained_on_photos(tmp_path):
     tuned = AutoencoderKL.from_pretrained(tmp_path / "photo-vae-tuned")
     assert_decoder_equal(tuned, m)
     assert encoder_changed(tuned, m)
+
+
+@pytest.mark.parametrize("stats,match", [
+    ({"latents_mean": [0.0, 0.0, 0.0], "latents_std": [1.0, 1.0, 1.0]}, "latents_mean"),
+    ({"latents_mean": [0.0] * 4, "latents_std": [1.0, 0.0, 1.0, 1.0]}, "latents_std"),
+    ({"scaling_factor": 0.0}, "scaling_factor"),
+    ({"scaling_factor": -0.5}, "scaling_factor"),
+])
+def test_bad_latent_statistics_in_config_are_a_clear_error(tmp_path, base_model, stats, match):
+    # Not a traceback from priors() later on, and not a silent fallback to scaling 1.
+    base_model.save_pretrained(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, **stats}))
+    with pytest.raises(CheckpointError, match=match):
+        load(tmp_path / "m")

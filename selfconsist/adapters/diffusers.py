@@ -333,6 +333,47 @@ def _default_size(sample_size: Any, factor: int) -> tuple[int, int]:
     return h, w
 
 
+def latent_statistics(cfg: Any, where: str = "model") -> tuple[Tensor, Tensor, str]:
+    r"""(mean, std, description) of the ``diffusion`` prior, shaped (C or 1, 1, 1), on the CPU.
+
+    Diffusion pipelines generate scaled latents ẑ ≈ N(0, I) and decode
+    raw = ẑ / scaling_factor + shift_factor, or, when the config has per-channel
+    ``latents_mean`` / ``latents_std`` (SDXL-style pipelines),
+    raw = ẑ · latents_std / scaling_factor + latents_mean. The decoder's typical inputs
+    therefore follow N(shift, (1/scaling)²), resp. N(mean_c, (std_c/scaling)²) per channel.
+    Raises :class:`CheckpointError` for statistics that describe no such prior.
+    """
+    c = int(cfg.latent_channels)
+    scale = getattr(cfg, "scaling_factor", None)
+    scale = 1.0 if scale is None else float(scale)
+    if not (math.isfinite(scale) and scale > 0):
+        raise CheckpointError(f"{where}: config scaling_factor {scale:g} must be a positive number; fix the "
+                              "config or pass scaling_factor")
+    lm, ls = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+    if lm is not None and ls is not None:
+        try:
+            mean = torch.tensor([float(v) for v in lm], dtype=torch.float32)
+            std = torch.tensor([float(v) for v in ls], dtype=torch.float32)
+        except (TypeError, ValueError):
+            raise CheckpointError(f"{where}: config latents_mean / latents_std must be lists of numbers") from None
+        if mean.numel() != c or std.numel() != c:
+            raise CheckpointError(f"{where}: config latents_mean / latents_std have {mean.numel()} / "
+                                  f"{std.numel()} entries for {c} latent channels")
+        if not (bool(torch.isfinite(mean).all()) and bool((std > 0).all())
+                and bool(torch.isfinite(std).all())):
+            raise CheckpointError(f"{where}: config latents_std must be positive and latents_mean finite")
+        desc = (f"N(latents_mean, (latents_std/{scale:g})²) per channel: pipelines decode "
+                f"raw = ẑ·latents_std/{scale:g} + latents_mean")
+        return mean.reshape(c, 1, 1), std.reshape(c, 1, 1) / scale, desc
+    shift = getattr(cfg, "shift_factor", None)
+    shift = 0.0 if shift is None else float(shift)
+    if not math.isfinite(shift):
+        raise CheckpointError(f"{where}: config shift_factor {shift} must be a finite number")
+    desc = (f"N({shift:g}, (1/{scale:g})²): pipelines decode raw = ẑ/{scale:g}"
+            + (f" + {shift:g}" if shift else ""))
+    return torch.full((1, 1, 1), shift), torch.full((1, 1, 1), 1.0 / scale), desc
+
+
 # ---------------------------------------------------------------------------------------------
 # The adapter
 # ---------------------------------------------------------------------------------------------
@@ -345,7 +386,7 @@ class DiffusersVAE(VAEAdapter):
     likelihood = "gaussian"
 
     def __init__(self, model: nn.Module, *, image_size: Any = None,
-                 obs_var: float | None = None) -> None:
+                 obs_var: float | None = None, where: str = "model") -> None:
         super().__init__()
         self.model = model.eval()
         cfg = dict(model.config)
@@ -357,6 +398,7 @@ class DiffusersVAE(VAEAdapter):
         self.obs_var = float(obs_var) if obs_var is not None else DEFAULT_OBS_VAR
         if self.obs_var <= 0:
             raise SelfconsistError("--obs-var must be positive")
+        latent_statistics(model.config, where)  # bad statistics fail at load, not mid-tune
         self.metadata: dict[str, str] = {}
         self.gradient_checkpointing: bool | str | None = None
         self.config_source = "config.json"
@@ -429,7 +471,7 @@ class DiffusersVAE(VAEAdapter):
         config = _override_stats(config, opts)
         model = build_model(config, {key_map[k]: t for k, t in tensors.items() if k in key_map},
                             where=str(folder))
-        vae = cls(model, image_size=opts.image_size, obs_var=opts.obs_var)
+        vae = cls(model, image_size=opts.image_size, obs_var=opts.obs_var, where=str(folder))
         vae._remember_files(wf.files, key_map, pickled=wf.pickled)
         vae._config_bytes = config_bytes if config == json.loads(config_bytes) else (
             json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
@@ -461,7 +503,7 @@ class DiffusersVAE(VAEAdapter):
         config = _override_stats(config, opts)
         tensors, _ = _read_tensors([path], only=set(key_map))
         model = build_model(config, {key_map[k]: t for k, t in tensors.items()}, where=str(path))
-        vae = cls(model, image_size=opts.image_size, obs_var=opts.obs_var)
+        vae = cls(model, image_size=opts.image_size, obs_var=opts.obs_var, where=str(path))
         vae._remember_files([path], key_map)
         vae.config_source = source
         vae.metadata = meta
@@ -574,34 +616,13 @@ class DiffusersVAE(VAEAdapter):
         return mods
 
     def priors(self) -> dict[str, Prior]:
-        r"""``diffusion`` (default) and ``nominal``.
-
-        Diffusion pipelines generate scaled latents ẑ ≈ N(0, I) and decode
-        raw = ẑ / scaling_factor + shift_factor, or, when the config has per-channel
-        ``latents_mean`` / ``latents_std`` (SDXL-style pipelines),
-        raw = ẑ · latents_std / scaling_factor + latents_mean. The decoder's typical inputs
-        therefore follow N(shift, (1/scaling)²), resp. N(mean_c, (std_c/scaling)²) per channel.
-        """
+        """``diffusion`` (default) and ``nominal``; see :func:`latent_statistics`."""
         dev = self.device
         if self._prior_cache is not None and self._prior_cache[0] == dev:
             return self._prior_cache[1]
-        cfg = self.model.config
-        c = int(cfg.latent_channels)
-        scale = float(getattr(cfg, "scaling_factor", None) or 1.0)
-        lm, ls = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
-        if lm is not None and ls is not None:
-            mean = torch.tensor([float(v) for v in lm], device=dev).reshape(c, 1, 1)
-            std = torch.tensor([float(v) for v in ls], device=dev).reshape(c, 1, 1) / scale
-            desc = (f"N(latents_mean, (latents_std/{scale:g})²) per channel: pipelines decode "
-                    f"raw = ẑ·latents_std/{scale:g} + latents_mean")
-        else:
-            shift = float(getattr(cfg, "shift_factor", None) or 0.0)
-            mean = torch.full((1, 1, 1), shift, device=dev)
-            std = torch.full((1, 1, 1), 1.0 / scale, device=dev)
-            desc = (f"N({shift:g}, (1/{scale:g})²): pipelines decode raw = ẑ/{scale:g}"
-                    + (f" + {shift:g}" if shift else ""))
+        mean, std, desc = latent_statistics(self.model.config)
         out = {
-            "diffusion": Prior(mean, std, "diffusion", desc),
+            "diffusion": Prior(mean.to(dev), std.to(dev), "diffusion", desc),
             "nominal": Prior(torch.zeros(1, 1, 1, device=dev), torch.ones(1, 1, 1, device=dev),
                              "nominal", "N(0, I): the VAE's own training prior"),
         }
