@@ -396,3 +396,24 @@ def test_unsupported_models_are_refused_with_the_reason(tmp_path):
     assert r.returncode == 2
     assert "VAMP" in r.stderr and "VampPrior" in r.stderr and "supported" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_broken_folders_say_what_is_wrong_in_one_line(tmp_path, vae_folder):
+    # A folder whose model.pt is missing is still recognised as pythae, so the error names it.
+    folder = tmp_path / "noweights"
+    folder.mkdir()
+    (folder / "model_config.json").write_bytes((vae_folder / "model_config.json").read_bytes())
+    with pytest.raises(CheckpointError, match="no model.pt"):
+        selfconsist.load(folder)
+    # A corrupt model.pt: the message must not relay torch's advice to load it unsafely.
+    (folder / "model.pt").write_bytes(b"not a torch file" * 10)
+    with pytest.raises(CheckpointError, match="model.pt") as err:
+        selfconsist.load(folder)
+    assert "weights_only" not in str(err.value) and "\n" not in str(err.value)
+    # Weights of another size: the message names the tensor that does not fit.
+    cfg = json.loads((vae_folder / "model_config.json").read_text())
+    (folder / "model_config.json").write_text(json.dumps({**cfg, "latent_dim": 6}))
+    (folder / "model.pt").write_bytes((vae_folder / "model.pt").read_bytes())
+    with pytest.raises(CheckpointError, match="size mismatch for ") as err:
+        selfconsist.load(folder)
+    assert "\n" not in str(err.value)

@@ -61,6 +61,7 @@ from __future__ import annotations
 import inspect
 import io
 import json
+import re
 import shutil
 import sys
 from collections.abc import Mapping
@@ -227,6 +228,16 @@ def _import_pythae() -> Any:
     return pythae.models
 
 
+def _reason(err: BaseException, n: int = 2) -> str:
+    """The first ``n`` informative lines of an exception's message, as one line. Header lines
+    ("Error(s) in loading state_dict for VAE:", "1 validation error for VAEConfig") say
+    nothing the caller's message does not, so they are skipped."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    body = [ln for ln in lines if not ln.endswith(":") and not re.match(r"\d+ validation errors? for ", ln)]
+    text = ": ".join((body or lines or [type(err).__name__])[:n])
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 def _unpickle(file: Path) -> nn.Module:
     """Unpickle one of pythae's module pickles. Runs code from the file: trusted callers only."""
     from pythae.models.base.base_utils import CPU_Unpickler
@@ -292,7 +303,7 @@ class PythaeVAE(VAEAdapter):
     def sniff(cls, path: Path) -> bool:
         """A folder with a pythae ``model_config.json`` (JSON only: never imports pythae)."""
         folder = _resolve_folder(Path(path))
-        if folder is None or not (folder / WEIGHTS_FILE).is_file():
+        if folder is None:  # a missing model.pt is claimed too: load then says it is missing
             return False
         try:
             name = read_config(folder)["name"]
@@ -330,10 +341,10 @@ class PythaeVAE(VAEAdapter):
         try:
             blob = torch.load(weights, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any failure here means a bad weights file
-            raise CheckpointError(
-                f"{weights}: cannot read as plain tensors ({type(e).__name__}: "
-                f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})"
-            ) from None
+            # torch's own message advises weights_only=False, which is exactly what we refuse.
+            why = ("it holds pickled objects other than tensors, or is not a torch file"
+                   if "weights only load failed" in str(e).lower() else _reason(e).split(". ")[0])
+            raise CheckpointError(f"{weights}: cannot read as plain tensors ({why})") from None
         if not isinstance(blob, dict) or not isinstance(blob.get("model_state_dict"), Mapping):
             raise CheckpointError(f"{weights}: no 'model_state_dict' (not a pythae model.pt)")
 
@@ -341,8 +352,7 @@ class PythaeVAE(VAEAdapter):
         try:
             config = config_cls.from_dict({k: v for k, v in cfg.items() if k != "name"})
         except Exception as e:  # noqa: BLE001 - pydantic ValidationError or TypeError
-            first = str(e).strip().splitlines()[0]
-            raise CheckpointError(f"{folder / CONFIG_FILE}: invalid {cfg['name']} ({first})") from None
+            raise CheckpointError(f"{folder / CONFIG_FILE}: invalid {cfg['name']} ({_reason(e)})") from None
 
         parts = {p.removesuffix(".pkl"): _unpickle(folder / p) for p in pickles}
         try:
@@ -352,8 +362,7 @@ class PythaeVAE(VAEAdapter):
         try:
             model.load_state_dict(blob["model_state_dict"])
         except RuntimeError as e:
-            first = str(e).strip().splitlines()[0]
-            raise CheckpointError(f"{weights}: weights do not match {CONFIG_FILE} ({first})") from None
+            raise CheckpointError(f"{weights}: weights do not match {CONFIG_FILE} ({_reason(e, 1)})") from None
 
         vae = cls(model, folder=folder, data_range=options.get("data_range") or (0.0, 1.0))
         vae._extra_blob = {k: v for k, v in blob.items() if k != "model_state_dict"}
