@@ -87,6 +87,14 @@ def scrub(text: str) -> str:
     return _TOKEN_LIKE.sub("hf_***", text)
 
 
+def _network_error() -> type[Exception]:
+    """The base class of connection failures (refused, reset, timed out) under huggingface_hub's
+    HTTP client; they must end as one line, like any other Hub failure."""
+    import httpx2
+
+    return httpx2.TransportError
+
+
 def _hub_error(action: str, err: BaseException) -> SelfconsistError:
     """A one-line, token-free SelfconsistError for a huggingface_hub failure."""
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
@@ -189,10 +197,11 @@ def select_files(files: Iterable[str], subfolder: str, trust_remote_code: bool =
     names a file selects just that file.
     """
     files = list(files)
-    if subfolder and subfolder in files:
-        return [subfolder]
-    prefix = f"{subfolder}/" if subfolder else ""
     pats = _patterns(trust_remote_code)
+    if subfolder and subfolder in files:  # one named file: the same trust rule applies
+        name = PurePosixPath(subfolder).name
+        return [subfolder] if any(fnmatch.fnmatchcase(name, p) for p in pats) else []
+    prefix = f"{subfolder}/" if subfolder else ""
     chosen = [f for f in files if f.startswith(prefix) and "/" not in f[len(prefix):]
               and any(fnmatch.fnmatchcase(f[len(prefix):], p) for p in pats)]
     names = set(chosen)
@@ -248,7 +257,6 @@ def read_front_matter(readme: Path) -> dict[str, Any]:
 
 def _list_remote(ref: RepoRef, revision: str | None, token: str | None) -> list[str] | None:
     """The repo's file list, or None when offline / the Hub is unreachable (use the cache)."""
-    import httpx2
     from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
@@ -257,7 +265,7 @@ def _list_remote(ref: RepoRef, revision: str | None, token: str | None) -> list[
     api = HfApi(token=token, library_name="selfconsist", library_version=__version__)
     try:
         return api.list_repo_files(ref.repo_id, revision=revision)
-    except (OfflineModeIsEnabled, httpx2.ConnectError, httpx2.TimeoutException):
+    except (OfflineModeIsEnabled, _network_error()):
         return None
     except HfHubHTTPError as e:
         if e.response is not None and e.response.status_code >= 500:
@@ -285,8 +293,10 @@ def resolve(model: str, *, revision: str | None = None, trust_remote_code: bool 
             ref = RepoRef(ref.repo_id, sub)
         wanted = select_files(files, ref.subfolder, trust_remote_code)
         if not wanted:
-            where = f"{ref.subfolder}/" if ref.subfolder else "the repo root"
             extra = "" if trust_remote_code else " (pickled weights need --trust-remote-code)"
+            if ref.subfolder in files:
+                raise CheckpointError(f"{ref}: selfconsist does not read {ref.subfolder}{extra}")
+            where = f"{ref.subfolder}/" if ref.subfolder else "the repo root"
             raise CheckpointError(f"{ref}: no model files in {where}{extra}")
         # Exact names (escaped): the Hub's own patterns let '*' cross folders.
         allow = [glob.escape(f) for f in wanted] + (["README.md"] if "README.md" in files else [])
@@ -305,7 +315,7 @@ def resolve(model: str, *, revision: str | None = None, trust_remote_code: bool 
             f"{ref.repo_id}{rev} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) "
             f"and {why}; download it once online (unset HF_HUB_OFFLINE) or pass a local path"
         ) from None
-    except HfHubHTTPError as e:
+    except (HfHubHTTPError, _network_error()) as e:
         raise _hub_error(f"cannot download {ref.repo_id}", e) from None
     if files is None and not ref.subfolder:  # offline: the same pipeline rule, on the cached files
         cached = [p.relative_to(folder).as_posix() for p in folder.glob("*")] + \
@@ -599,17 +609,19 @@ def plan_upload(bundle: Bundle, repo_id: str, *, existing_card: str | None = Non
 
 
 def write_plan(files: Mapping[str, Path | bytes], folder: Path) -> None:
-    """Materialise an upload plan as a folder (hard links where possible, else copies)."""
+    """Materialise an upload plan as a folder of copies.
+
+    Copies, not hard links: a link shares the file's mode and bytes, so the permission fix-up
+    of :func:`~selfconsist.io.atomic_output`, or an edit in the preview, would change the
+    user's tuned model.
+    """
     for rel, src in files.items():
         dest = folder / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(src, bytes):
             dest.write_bytes(src)
-            continue
-        try:
-            os.link(src, dest)
-        except OSError:
-            shutil.copy2(src, dest)
+        else:
+            shutil.copyfile(src, dest)
 
 
 def _existing_remote_card(api: Any, repo_id: str, revision: str | None, token: str | None) -> str | None:
@@ -663,7 +675,7 @@ def push_bundle(bundle: Bundle, repo_id: str, *, private: bool = False, revision
             repo_id, ops, revision=revision, create_pr=create_pr,
             commit_message=commit_message or "selfconsist: upload self-consistent tuned model",
             commit_description=f"Uploaded with selfconsist {__version__}.")
-    except HfHubHTTPError as e:
+    except (HfHubHTTPError, _network_error()) as e:
         raise _hub_error(f"cannot push to {repo_id}", e) from None
     return PushResult(repo_id=repo_id, files=sorted(files), commit_url=str(info.commit_url),
                       pr_url=str(info.pr_url) if info.pr_url else None)
@@ -685,8 +697,8 @@ def push_after_tune(tuned_path: str | Path, base_model_arg: str, repo_id: str, *
                     load_options: Mapping[str, Any] | None = None, dry_run: bool = False,
                     dry_run_dir: str | Path | None = None, overwrite: bool = False,
                     token: str | None = None) -> PushResult:
-    """``tune … --push-to-hub``: evaluate base vs tuned (when :mod:`selfconsist.evaluate`
-    exists), then push the tuned model, the eval run and the card in one commit.
+    """``tune … --push-to-hub``: evaluate base vs tuned, then push the tuned model, the eval
+    run and the card in one commit.
 
     ``command`` is the exact ``selfconsist tune`` command line for the card;
     ``base_model_arg`` is the MODEL the tune started from (a path or a repo id), loaded with
@@ -723,15 +735,10 @@ def _run_eval(base_model_arg: str, tuned_path: Path, out: Path, *, data: str | N
               options: Mapping[str, Any] | None, adapter: str | None, trust_remote_code: bool,
               revision: str | None, load_options: Mapping[str, Any] | None = None) -> Path | None:
     """Evaluate base vs tuned into ``out`` with :func:`selfconsist.evaluate.evaluate`
-    (``options`` are :class:`~selfconsist.evaluate.EvalConfig` fields). None when that
-    module is not installed: the card then shows the checkpoint's before/after numbers."""
-    try:
-        from .evaluate import EvalConfig, evaluate
-    except ModuleNotFoundError as e:
-        if e.name != f"{__package__}.evaluate":
-            raise
-        return None
+    (``options`` are :class:`~selfconsist.evaluate.EvalConfig` fields); None when it wrote
+    no metrics.json (the card then shows the checkpoint's before/after numbers)."""
     from .cli.common import load_model
+    from .evaluate import EvalConfig, evaluate
 
     # Load the base ourselves so --revision applies (it is in the cache: tune just read it).
     opts = dict(load_options or {})

@@ -176,19 +176,15 @@ def metrics_table(columns: dict[str, dict[str, Any]]) -> str:
 
 def _eval_table(metrics: dict[str, Any]) -> str:
     """The eval run's table: the one report.md shows (selfconsist.evaluate's renderer)."""
-    try:
-        from .evaluate import render_table
-    except ImportError:  # evaluate not installed: a plain table of the same numbers
-        render_table = None
+    from .evaluate import render_table
+
     models = metrics.get("models") if isinstance(metrics, dict) else None
     if not isinstance(models, dict) or not models:
         return "_metrics.json holds no models_"
-    if render_table is not None:
-        try:
-            return render_table(metrics).strip()
-        except (KeyError, TypeError, AttributeError, ValueError):
-            pass  # a metrics.json from another version: fall back to the plain table
-    return metrics_table(models)
+    try:
+        return render_table(metrics).strip()
+    except (KeyError, TypeError, AttributeError, ValueError):
+        return metrics_table(models)  # a metrics.json from another version: the plain table
 
 
 def _load_snippet(info: CardInfo) -> str:

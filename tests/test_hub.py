@@ -522,3 +522,39 @@ def test_push_to_branch_creates_it_and_commits_there(tmp_path, fake_hub, tiny_mo
     assert commit["path"] == "/api/models/me/tuned/commit/dev" and commit["header"]["summary"] == "try a branch"
     assert sorted(commit["files"]) == ["README.md", "tuned.safetensors"]  # a bare file: no eval
     assert fake_hub.created[0].get("visibility") is None  # public unless --private
+
+
+def test_a_file_named_after_the_colon_obeys_the_trust_rule():
+    # owner/name:model.ckpt must not fetch a pickle without --trust-remote-code.
+    files = ["model.ckpt", "vae/encoder.pkl", "vae/run.py", "ae.safetensors"]
+    assert hub.select_files(files, "model.ckpt") == []
+    assert hub.select_files(files, "vae/encoder.pkl") == []
+    assert hub.select_files(files, "vae/run.py") == []
+    assert hub.select_files(files, "model.ckpt", trust_remote_code=True) == ["model.ckpt"]
+    assert hub.select_files(files, "ae.safetensors") == ["ae.safetensors"]
+
+
+def test_network_failure_during_push_is_one_line(tmp_path, fake_hub, tiny_model, capsys):
+    def unreachable(request: httpx2.Request) -> httpx2.Response:
+        raise httpx2.ReadError("connection reset by peer", request=request)
+
+    set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(unreachable)))
+    out = make_outdir(tmp_path, tiny_model)
+    code = run_main("push", str(out), "--repo-id", "me/tuned")
+    captured = capsys.readouterr()
+    assert code == 2, captured.err
+    assert len(captured.err.strip().splitlines()) == 1 and "me/tuned" in captured.err
+    assert no_token_in(captured.out, captured.err)
+
+
+def test_dry_run_leaves_the_model_files_as_they_were(tmp_path, tiny_model):
+    out = make_outdir(tmp_path, tiny_model)
+    model = out / "tuned.safetensors"
+    model.chmod(0o600)  # a private file must stay private
+    before = model.read_bytes()
+    hub.push(out, "me/tuned", dry_run=True, dry_run_dir=tmp_path / "preview")
+    assert (model.stat().st_mode & 0o777) == 0o600
+    assert model.read_bytes() == before
+    # The preview is a copy: editing it cannot reach the tuned model.
+    (tmp_path / "preview" / "tuned.safetensors").write_bytes(b"edited")
+    assert model.read_bytes() == before
