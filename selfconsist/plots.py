@@ -31,13 +31,17 @@ def _matplotlib() -> Any | None:
 def to_image(x: Tensor, data_range: tuple[float, float]) -> np.ndarray:
     """One item → an array imshow can show, in [0, 1]: (H, W) grey or (H, W, 3) colour.
 
-    Values map from the model's range by (x − lo)/(hi − lo). (C, H, W) with C = 1 is grey,
-    C = 3 colour, C ≥ 4 shows the first three channels, C = 2 their mean; a flat item is drawn
-    as a one-row strip.
+    Values map from the model's range by (x − lo)/(hi − lo); an unbounded range is rescaled
+    from the item's own min and max, for display only. (C, H, W) with C = 1 is grey, C = 3
+    colour, C ≥ 4 shows the first three channels, C = 2 their mean; a flat item is drawn as a
+    one-row strip.
     """
     lo, hi = data_range
     a = x.detach().float().cpu().numpy()
-    a = np.clip((a - lo) / (hi - lo), 0.0, 1.0) if math.isfinite(hi - lo) else a
+    if math.isfinite(hi - lo):
+        a = np.clip((a - lo) / (hi - lo), 0.0, 1.0)
+    else:
+        a = (a - a.min()) / max(float(a.max() - a.min()), 1e-12)
     if a.ndim == 3:
         c = a.shape[0]
         if c == 1:
@@ -47,10 +51,7 @@ def to_image(x: Tensor, data_range: tuple[float, float]) -> np.ndarray:
         return a.mean(0)
     if a.ndim == 2:
         return a
-    a = a.reshape(1, -1)
-    if not math.isfinite(hi - lo):  # unbounded data: rescale for display only
-        a = (a - a.min()) / max(float(a.max() - a.min()), 1e-12)
-    return a
+    return a.reshape(1, -1)
 
 
 def _grid(Figure: Any, rows: list[tuple[str, list[np.ndarray]]], path: Path,

@@ -202,3 +202,16 @@ def test_evaluate_a_perfectly_self_consistent_model() -> None:
     assert res["responsive_elements"]["value"] == 4 and res["responsive_active"]["value"] == 4
     assert res["recon_mse"]["value"] < 1e-10
     assert "recon_psnr" not in res  # no PSNR without a bounded data range
+
+
+def test_figures_show_unbounded_data_rescaled_for_display():
+    # imshow is called with vmin 0, vmax 1: unbounded data must be mapped into [0, 1] for
+    # display, whatever the item's shape, or the picture is a saturated blank.
+    from selfconsist.plots import to_image
+
+    x = torch.linspace(-5.0, 5.0, 3 * 4 * 4).reshape(3, 4, 4)
+    for item in (x, x[:1], x[0], x.flatten()):
+        img = to_image(item, (-math.inf, math.inf))
+        assert img.min() == 0.0 and img.max() == 1.0, item.shape
+    bounded = to_image(x, (-10.0, 10.0))  # a bounded range maps by (x − lo)/(hi − lo)
+    assert abs(float(bounded.min()) - 0.25) < 1e-6 and abs(float(bounded.max()) - 0.75) < 1e-6
