@@ -25,11 +25,12 @@ from selfconsist.data import load_dataset  # noqa: E402
 from selfconsist.tune import TuneConfig  # noqa: E402
 
 SETTINGS: dict[str, dict] = {
-    "defaults (lr 1e-4, 3000 steps, ρ 0.975, λ_rec 1)": {},
-    "lr 3e-4 (the design note's first run)": {"lr": 3e-4},
-    "ρ 0.9": {"rho": 0.9},
-    "3000 steps, cosine schedule": {"schedule": "cosine"},
-    "1500 steps, cosine schedule": {"steps": 1500, "schedule": "cosine"},
+    "defaults (λ_rec 5, cosine, 5000 steps, lr 1e-4, ρ 0.975)": {},
+    "λ_rec 1 (the faithful bound), otherwise defaults": {"lambda_rec": 1.0},
+    "λ_rec 1, constant lr, 3000 steps": {"lambda_rec": 1.0, "schedule": "constant", "steps": 3000},
+    "λ_rec 1, constant lr 3e-4, 3000 steps (the design note's run)":
+        {"lambda_rec": 1.0, "schedule": "constant", "steps": 3000, "lr": 3e-4},
+    "ρ 0.9, otherwise defaults": {"rho": 0.9},
     "λ_rec 0 (no reconstruction term)": {"lambda_rec": 0.0},
 }
 
