@@ -653,3 +653,10 @@ def test_bad_latent_statistics_in_config_are_a_clear_error(tmp_path, base_model,
     (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, **stats}))
     with pytest.raises(CheckpointError, match=match):
         load(tmp_path / "m")
+
+
+def test_garbage_config_beside_diffusers_weights_is_named(tmp_path, base_model):
+    base_model.save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json: not a diffusers config"):
+        load(tmp_path / "m")

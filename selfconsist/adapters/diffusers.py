@@ -428,7 +428,9 @@ class DiffusersVAE(VAEAdapter):
     def sniff(cls, path: Path) -> bool:
         path = Path(path)
         if path.is_dir():
-            return vae_folder(path) is not None
+            # A broken config.json beside diffusers weights is claimed too, so load names it.
+            return vae_folder(path) is not None or (
+                (path / "config.json").is_file() and any(path.glob(f"{WEIGHTS_NAME}*")))
         if path.is_file() and path.suffix == ".safetensors":
             try:
                 header = read_safetensors_header(path)
@@ -457,6 +459,9 @@ class DiffusersVAE(VAEAdapter):
     @classmethod
     def _load_folder(cls, path: Path, opts: LoadOptions) -> DiffusersVAE:
         folder = vae_folder(path)
+        if folder is None and (path / "config.json").is_file():
+            raise CheckpointError(f"{path / 'config.json'}: not a diffusers config (unreadable JSON, "
+                                  "or no _class_name)")
         if folder is None:
             raise CheckpointError(f"{path}: no diffusers config.json (with _class_name) here or "
                                   "in a vae/ subfolder of a pipeline")
