@@ -141,7 +141,9 @@ def _as_nchw(arr: np.ndarray, source: str) -> Tensor:
 def load_array(path: Path) -> Dataset:
     try:
         obj = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as e:
+    except ValueError:  # numpy's message here advises allow_pickle=True, which we never do
+        raise DataError(f"{path}: cannot read array file (not a .npy/.npz array of numbers)") from None
+    except (OSError, EOFError) as e:
         raise DataError(f"{path}: cannot read array file ({e})") from None
     y = None
     if isinstance(obj, np.lib.npyio.NpzFile):

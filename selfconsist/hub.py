@@ -283,7 +283,10 @@ def resolve(model: str, *, revision: str | None = None, trust_remote_code: bool 
     """
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.utils import logging as hf_logging
 
+    # huggingface_hub logs each failed request as a warning; our error is the one line users see.
+    hf_logging.set_verbosity_error()
     ref = parse_repo_ref(model)
     files = _list_remote(ref, revision, token)
     if files is not None:

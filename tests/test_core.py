@@ -179,6 +179,7 @@ def bad_files(tmp_path, digits_model):
     (["info", "{d}/corrupt.safetensors"], "safetensors"),
     (["info", "{d}/plain.safetensors"], "--adapter"),
     (["info", "{model}", "--adapter", "nope"], "unknown adapter"),
+    (["info", "selfconsist-test/definitely-not-cached"], "selfconsist-test/definitely-not-cached"),
     (["info", "{model}", "--adapter", "{d}/x.py:Nope"], "does not exist"),
     (["tune", "{d}/trunc.safetensors", "--out", "{d}/o.safetensors"], "truncated"),
     (["tune", "{model}", "--out", "{d}/o.safetensors", "--rho", "1.5"], "rho"),

@@ -33,13 +33,7 @@ def _root(
 
 def _register() -> None:
     # Each command lives in its own module and adds itself to ``app``.
-    from . import info, train  # noqa: F401
-    for optional in ("tune", "eval", "push"):
-        try:
-            __import__(f"{__name__}.{optional}")
-        except ModuleNotFoundError as e:
-            if e.name != f"{__name__}.{optional}":
-                raise
+    from . import eval, info, push, train, tune  # noqa: F401
 
 
 def print_error(message: str) -> None:

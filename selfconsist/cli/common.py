@@ -25,23 +25,16 @@ TrustOpt = typer.Option(
 def load_model(model: str, adapter: str | None, trust_remote_code: bool = False,
                **options: Any) -> VAEAdapter:
     """Load a checkpoint path through the registry (hub ids are resolved by selfconsist.hub)."""
-    from .. import adapters
+    from .. import adapters, hub
 
     path = Path(model)
-    hub = None
-    if not path.exists():
-        try:
-            from .. import hub
-        except ModuleNotFoundError:
-            hub = None
-        if hub is not None and "/" in model and not model.startswith((".", "/")):
-            path = hub.resolve_model(model, revision=options.get("revision"),
-                                     trust_remote_code=trust_remote_code)
-        else:
-            hub = None
-    opts = {k: v for k, v in options.items() if k not in ("revision",)}
+    from_hub = hub.is_repo_ref(model)
+    if from_hub:
+        path = hub.resolve_model(model, revision=options.get("revision"),
+                                 trust_remote_code=trust_remote_code)
+    opts = {k: v for k, v in options.items() if k != "revision"}
     vae = adapters.load(path, adapter=adapter, trust_remote_code=trust_remote_code, **opts)
-    if hub is not None:  # record repo id, commit and license for metadata and model cards
+    if from_hub:  # record repo id, commit and license for metadata and model cards
         hub.attach_source(vae, path)
     return vae
 
