@@ -318,11 +318,13 @@ def _whitened_mean(vae: VAEAdapter, x: Tensor) -> Tensor:
 
 def adversarial_shift(vae: VAEAdapter, x: Tensor, eps: float, steps: int = 20,
                       generator: torch.Generator | None = None, batch_size: int = 256,
-                      keep: int = 0) -> tuple[Tensor, Tensor]:
+                      keep: int = 0, on_batch: Callable[[int, Tensor], None] | None = None
+                      ) -> tuple[Tensor, Tensor]:
     """Per input, the largest latent shift PGD finds: max ‖μ̂(x + δ) − μ̂(x)‖², ‖δ‖∞ ≤ ε.
 
     Returns ``(shift (n,), x_adv[:keep])``. Divide the mean by :func:`code_pair_distance` for
-    the scale-free figure.
+    the scale-free figure. ``on_batch(start, x_adv_batch)`` sees every attacked batch, so callers
+    can score all attacked inputs without keeping them all in memory.
     """
     shifts, kept = [], []
     for i, b in _batches(x.shape[0], batch_size):
@@ -336,6 +338,8 @@ def adversarial_shift(vae: VAEAdapter, x: Tensor, eps: float, steps: int = 20,
         xa = pgd_linf(objective, xb, eps, vae.data_range, steps, generator=generator)
         with torch.no_grad():
             shifts.append(objective(xa).double().cpu())
+        if on_batch is not None:
+            on_batch(i, xa)
         if i < keep:
             kept.append(xa[: keep - i].float().cpu())
     return torch.cat(shifts), (torch.cat(kept) if kept else torch.empty(0))
