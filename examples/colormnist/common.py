@@ -89,22 +89,30 @@ def table(models: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-# The acceptance targets of the tune issue, on the base VAE and a tuned copy.
+# The acceptance targets of the tune issue, for a post-hoc tuned copy of the base VAE.
 def check_targets(base: dict[str, Any], tuned: dict[str, Any]) -> dict[str, tuple[bool, str]]:
     v = lambda m, k: m[k]["value"]  # noqa: E731
     rt = v(base, "sample_roundtrip_mse") / v(tuned, "sample_roundtrip_mse")
     rec = v(tuned, "recon_mse") / v(base, "recon_mse") - 1
     probe = v(tuned, "probe_acc") - v(base, "probe_acc")
-    resp = v(tuned, "responsive_active") / max(v(base, "responsive_elements"), 1)
+    resp = v(tuned, "responsive_active") / max(v(tuned, "responsive_elements"), 1)
     adv = v(tuned, "probe_acc_adv@0.1") - v(base, "probe_acc_adv@0.1")
     return {
         "sample round-trip error falls ≥5×": (rt >= 5, f"{rt:.1f}×"),
-        "held-out reconstruction within 5%": (abs(rec) <= 0.05, f"{100 * rec:+.1f}%"),
+        "held-out reconstruction within 5%": (rec <= 0.05, f"{100 * rec:+.1f}%"),
         "clean probe within 2 points": (probe >= -0.02, f"{100 * probe:+.1f} pts"),
         "≥95% of responsive elements active": (resp >= 0.95, f"{100 * resp:.0f}%"),
         "PGD ε=0.1 probe accuracy does not fall": (adv >= 0, f"{100 * adv:+.1f} pts"),
         "(aim) PGD ε=0.1 probe accuracy +10 points": (adv >= 0.10, f"{100 * adv:+.1f} pts"),
     }
+
+
+# The comparison issue's target, for any model against the nominal VAE.
+def check_claim(base: dict[str, Any], model: dict[str, Any]) -> tuple[bool, str]:
+    v = lambda m, k: m[k]["value"]  # noqa: E731
+    adv = v(model, "probe_acc_adv@0.1") - v(base, "probe_acc_adv@0.1")
+    clean = v(model, "probe_acc") - v(base, "probe_acc")
+    return adv >= 0.10 and clean >= -0.02, f"PGD ε=0.1 probe {100 * adv:+.1f} pts, clean {100 * clean:+.1f} pts"
 
 
 def log(msg: str) -> None:

@@ -45,9 +45,10 @@ def units_report(base: Path, tuned: Path, mnist: Path) -> str:
     share = per_element / per_element.max()
     lost = act_a & ~act_b
     if not lost.any():
-        return f"no unit went inactive ({int(act_a.sum())} active before and after)"
+        return f"no unit went inactive ({int(act_a.sum())} active before, {int(act_b.sum())} after)"
     kept_resp = (share >= 0.01)
-    return (f"{int(lost.sum())} of {int(act_a.sum())} active units went inactive; their decoder "
+    return (f"{int(lost.sum())} of {int(act_a.sum())} active units went inactive "
+            f"({int(act_b.sum())} active after); their decoder "
             f"response is at most {100 * float(share[lost].max()):.2g}% of the largest "
             f"(responsive elements: {int(kept_resp.sum())}, all still active: "
             f"{bool((act_b | ~kept_resp).all())})")
