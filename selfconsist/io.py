@@ -145,15 +145,23 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         raise
 
 
-def load_state(path: str | Path) -> dict[str, Any]:
-    """Load a resumable state written by :func:`atomic_torch_save` (weights only: no code runs)."""
+def load_state(path: str | Path, config: str | None = None) -> dict[str, Any]:
+    """Load a resumable state written by :func:`atomic_torch_save` (weights only: no code runs).
+
+    With ``config`` (the run's settings as :func:`json_meta`), refuse a state written by a run
+    with other settings: resuming it would silently mix two experiments.
+    """
     path = Path(path)
     if not path.exists():
         raise SelfconsistError(f"{path}: no state to resume from")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure here means a bad state file
         raise CheckpointError(f"{path}: cannot read resumable state ({e})") from None
+    if config is not None and state.get("config") != config:
+        raise SelfconsistError(f"{path} was written by a run with other settings; "
+                               "resume with the same options or start afresh")
+    return state
 
 
 def rng_state(generator: torch.Generator) -> dict[str, Tensor]:

@@ -119,10 +119,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, overwrite:
     start = 0
 
     if resume:
-        state = load_state(state_file)
-        if state["config"] != json_meta(asdict(cfg)):
-            raise SelfconsistError(f"{state_file} was written by a run with other settings; "
-                                   "resume with the same options or start afresh")
+        state = load_state(state_file, config=json_meta(asdict(cfg)))
         vae.encoder.load_state_dict(state["encoder"])
         vae.decoder.load_state_dict(state["decoder"])
         opt.load_state_dict(state["optimizer"])

@@ -221,10 +221,7 @@ def tune(vae: VAEAdapter, cfg: TuneConfig | None = None, out: str | Path | None 
     start = 0
 
     if resume:
-        state = load_state(state_file)
-        if state["config"] != json_meta(asdict(cfg)):
-            raise SelfconsistError(f"{state_file} was written by a run with other settings; "
-                                   "resume with the same options or start afresh")
+        state = load_state(state_file, config=json_meta(asdict(cfg)))
         if state.get("input_sha256") != input_sha:
             raise SelfconsistError(f"{state_file} belongs to another input model")
         vae.load_encoder_state(state["encoder"])

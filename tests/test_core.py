@@ -255,6 +255,9 @@ def test_train_resume_matches_uninterrupted(tmp_path, monkeypatch):
         train(cfg, part, progress=False)
     monkeypatch.setattr(recipe, "check_finite", original)
     assert not part.exists() and (tmp_path / "part.safetensors.state.pt").exists()
+    other = TrainConfig(**{**cfg.__dict__, "lr": 5e-4})
+    with pytest.raises(SelfconsistError, match="other settings"):
+        train(other, part, resume=True, progress=False)
     resumed = train(cfg, part, resume=True, progress=False)
     for a, b in zip(full.state_tensors().values(), resumed.state_tensors().values(), strict=True):
         assert torch.equal(a, b)
