@@ -32,6 +32,8 @@ SETTINGS: dict[str, dict] = {
         {"lambda_rec": 1.0, "schedule": "constant", "steps": 3000, "lr": 3e-4},
     "ρ 0.9, otherwise defaults": {"rho": 0.9},
     "λ_rec 0 (no reconstruction term)": {"lambda_rec": 0.0},
+    "defaults, seed 1": {"seed": 1},
+    "defaults, seed 2": {"seed": 2},
 }
 
 
