@@ -5,7 +5,8 @@ Python API::
     import selfconsist
     vae = selfconsist.load("model.safetensors")        # an adapter
     result = selfconsist.tune(vae, selfconsist.TuneConfig(steps=2000), out="tuned.safetensors")
-    selfconsist.evaluate(vae, compare=result.vae, data="digits", out="eval/")
+    # tune changes ``vae`` in place (result.vae is vae), so compare the two files:
+    selfconsist.evaluate("model.safetensors", compare="tuned.safetensors", data="digits", out="eval/")
 """
 
 from __future__ import annotations

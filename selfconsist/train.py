@@ -8,7 +8,8 @@ One loop, top to bottom:
 
 The decoder learns only from the reconstruction term: x̃ enters the coupling
 through a stop-gradient. Mini-batches are drawn with a seeded generator whose
-state is saved with the model, so ``resume`` replays exactly the same stream.
+state is saved in the resumable state (OUT.state.pt), so ``resume`` replays exactly
+the same stream.
 """
 
 from __future__ import annotations

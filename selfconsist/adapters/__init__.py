@@ -46,7 +46,8 @@ def register_adapter(cls: type[VAEAdapter], name: str | None = None) -> type[VAE
     if not key:
         raise ValueError("an adapter needs a name")
     _REGISTRY[key] = cls
-    # Move to the front so user adapters win over built-in guesses.
+    # Move to the end of the dict: detect() tries entries last-first, so user adapters win
+    # over built-in guesses.
     _REGISTRY.update({key: _REGISTRY.pop(key)})
     return cls
 

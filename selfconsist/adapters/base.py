@@ -86,7 +86,7 @@ class VAEAdapter(ABC):
     * :meth:`encode` → :class:`DiagonalGaussian` over the latent;
     * :meth:`decode` → the decoder mean g(z), in ``data_range``;
     * :meth:`priors` → the priors on offer, first one the default;
-    * :meth:`encoder_parameters` / :meth:`decoder_parameters`;
+    * :meth:`encoder_modules` / :meth:`decoder_modules` (the parameters follow from them);
     * :meth:`save` → write the model back in the format it was loaded from;
     * :attr:`latent_shape`, :attr:`data_shape`, :attr:`data_range`.
 
