@@ -6,6 +6,7 @@ import math
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,12 +37,10 @@ def autocast(device: torch.device, precision: str):
 
 
 def check_finite(step: int, loss: torch.Tensor) -> None:
+    """Raise :class:`NonFiniteLossError` when the loss is NaN or Inf (before any update)."""
     value = float(loss.detach())
     if not math.isfinite(value):
-        raise NonFiniteLossError(
-            f"loss became {value} at step {step}; the last good state was kept - "
-            "lower --lr and resume with --resume"
-        )
+        raise NonFiniteLossError(f"loss became {value} at step {step}")
 
 
 class Progress:
@@ -82,6 +81,18 @@ class Progress:
     def __exit__(self, *exc: object) -> None:
         if self._bar is not None:
             self._bar.__exit__(*exc)
+
+
+def nonfinite_stop(error: NonFiniteLossError, out: Path | None, state_file: Path | None) -> NonFiniteLossError:
+    """The error a recipe raises after a NaN/Inf loss, saying what was (not) kept.
+
+    The periodic state is left as it was: the weights at the failing step are the ones that
+    produced the NaN, and resuming with the same settings would replay it exactly.
+    """
+    kept = (f"the last periodic state {state_file} was kept"
+            if state_file is not None and state_file.exists() else "no resumable state was written yet")
+    where = f"{out} was not written; " if out is not None else ""
+    return NonFiniteLossError(f"{error}; {where}{kept}; lower --lr (or raise --obs-var) and start afresh")
 
 
 @contextmanager

@@ -15,7 +15,7 @@ the same stream.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -36,7 +36,7 @@ from .io import (
     state_path_for,
 )
 from .models import ModelConfig
-from .runtime import Progress, check_finite, resolve_device
+from .runtime import Progress, check_finite, nonfinite_stop, resolve_device
 
 
 @dataclass
@@ -61,7 +61,6 @@ class TrainConfig:
     n_train: int | None = None  # use only the first n items (e.g. 8000 of MNIST's test set)
     save_every: int = 500
     data_seed: int = 0  # ColorMNIST colours
-    extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.objective not in ("vae", "avae"):
@@ -144,9 +143,8 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, overwrite:
             loss = -bound.mean()
             try:
                 check_finite(step, loss)
-            except NonFiniteLossError:
-                save_state(step)  # parameters are still those of the last good step
-                raise
+            except NonFiniteLossError as e:
+                raise nonfinite_stop(e, out, state_file) from None
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -19,9 +19,8 @@ at exactly the weights of an uninterrupted run.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -42,7 +41,7 @@ from .io import (
     state_path_for,
 )
 from .metrics import responsive_elements, roundtrip_summary
-from .runtime import Progress, autocast, check_finite, resolve_device
+from .runtime import Progress, autocast, check_finite, nonfinite_stop, resolve_device
 
 SCHEDULES = ("constant", "cosine", "linear")
 
@@ -72,7 +71,6 @@ class TuneConfig:
     latents: str | None = None  # sample z₀ from this file instead of the prior
     save_every: int = 500
     eval_samples: int = 1024  # samples for the before/after figures
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.rho < 1.0:
@@ -258,9 +256,8 @@ def tune(vae: VAEAdapter, cfg: TuneConfig | None = None, out: str | Path | None 
             loss = -bound.mean()
             try:
                 check_finite(step, loss)
-            except NonFiniteLossError:
-                save_state(step)  # the weights are still those of the last good step
-                raise
+            except NonFiniteLossError as e:
+                raise nonfinite_stop(e, out, state_file) from None
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -126,8 +126,9 @@ def test_nan_loss_stops_keeps_last_good_state_and_writes_nothing(tmp_path, digit
     NaNAfter.n = 2 * 10 + 1  # eval passes don't use encode twice; the 11th step sees NaN
     out = tmp_path / "nan.safetensors"
     cfg = TuneConfig(steps=50, batch_size=16, device="cpu", eval_samples=64, save_every=5)
-    with pytest.raises(NonFiniteLossError, match="nan"):
+    with pytest.raises(NonFiniteLossError, match="nan") as err:
         selfconsist.tune(vae, cfg, out=out, progress=False)
+    assert "was not written" in str(err.value) and "periodic state" in str(err.value)
     assert not out.exists()
     state = torch.load(tmp_path / "nan.safetensors.state.pt", weights_only=True)
     assert 0 < state["step"] < 50
@@ -189,3 +190,13 @@ def test_bundled_example_default(tmp_path):
     r = run_cli("tune", "--steps", "20", *FAST, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "digits_mlp_vae.selfconsist.safetensors").exists()
+
+
+def test_default_out_names():
+    from selfconsist.cli.tune import default_out
+
+    assert default_out("dir/vae.safetensors") == Path("vae.selfconsist.safetensors")
+    assert default_out("models/sd-vae/") == Path("sd-vae-selfconsist")
+    assert default_out("owner/name") == Path("name-selfconsist")
+    assert default_out("owner/name:vae") == Path("name-selfconsist")
+    assert default_out("owner/name:sdxl_vae.safetensors") == Path("sdxl_vae.selfconsist.safetensors")

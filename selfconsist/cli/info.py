@@ -24,7 +24,8 @@ def describe(vae) -> dict:
         "decoder_parameters": dec,
     }
     meta = getattr(vae, "metadata", {}) or {}
-    for key in ("selfconsist.tune_config", "selfconsist.metrics", "selfconsist.input_sha256"):
+    for key in ("selfconsist.tune_config", "selfconsist.metrics", "selfconsist.input_sha256",
+                "selfconsist.command", "selfconsist.version"):
         if key in meta:
             try:
                 info[key.split(".", 1)[1]] = json.loads(meta[key])

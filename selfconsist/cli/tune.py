@@ -19,8 +19,12 @@ EXAMPLE_STEPS = 500  # keeps the offline demo well under a minute on a laptop CP
 
 
 def default_out(model: str) -> Path:
-    """``model.safetensors`` → ``model.selfconsist.safetensors``; a folder ``m`` → ``m-selfconsist``."""
-    p = Path(model.split(":")[0].rstrip("/"))
+    """``model.safetensors`` → ``model.selfconsist.safetensors``; a folder ``m`` → ``m-selfconsist``.
+
+    For a Hub reference ``owner/name:file.safetensors`` the file part names the output.
+    """
+    repo, _, sub = model.partition(":")
+    p = Path((sub if Path(sub).suffix else repo).rstrip("/"))
     if p.suffix:
         return Path(p.stem + ".selfconsist" + p.suffix)
     return Path(p.name + "-selfconsist")
@@ -84,8 +88,8 @@ def tune(
             raise SelfconsistError(f"no MODEL given and the bundled example {EXAMPLE} is missing; "
                                    "pass a checkpoint path")
         model = str(EXAMPLE)
-        steps = steps or EXAMPLE_STEPS
-    steps = steps or D.steps
+        steps = EXAMPLE_STEPS if steps is None else steps
+    steps = D.steps if steps is None else steps
     out = out or default_out(model)
     if push_to_hub is not None:  # a bad repo id fails now, not after the tuning
         from ..hub import check_repo_id
@@ -104,7 +108,8 @@ def tune(
     if image_size is not None:
         options["image_size"] = image_size
     vae = load_model(model, adapter, trust_remote_code, **options)
-    command = "selfconsist tune " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["tune"] else sys.argv[1:])
+    args = [a for a in sys.argv[1:] if a != "--debug"]
+    command = "selfconsist tune " + shlex.join(args[1:] if args[:1] == ["tune"] else args)
     result = run(vae, cfg, out, resume=resume, overwrite=overwrite, progress=not quiet,
                  metadata={META_PREFIX + "command": command})
     _print_table(result.before, result.after)
