@@ -171,13 +171,17 @@ def load_image_folder(folder: Path) -> Dataset:
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise DataError(f"{folder}: no PNG/JPEG images in this folder")
-    arrays = []
+    images = []
     for f in files:
         try:
             with Image.open(f) as im:
-                arrays.append(np.asarray(im.convert("RGB")))
+                im.load()
+                images.append(im.copy())
         except OSError as e:
             raise DataError(f"{f}: cannot read image ({e})") from None
+    # A folder of greyscale images stays one channel; anything else is read as RGB.
+    mode = "L" if all(im.mode in ("1", "L", "LA") for im in images) else "RGB"
+    arrays = [np.asarray(im.convert(mode)) for im in images]
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
         raise DataError(f"{folder}: images have different sizes {sorted(shapes)[:3]}; resize them first")

@@ -170,12 +170,10 @@ def posthoc_terms(vae: VAEAdapter, z0: Tensor, cfg: TuneConfig, obs_var: float,
             "coupling": obj.coupling_term(mh, lvh, mh2, lvh2, cfg.rho)}
 
 
-def _responsive(vae: VAEAdapter, cfg: TuneConfig) -> Tensor | None:
-    """Decoder-responsive latent elements (a fixed reference for before and after), or None
-    for latents too large to probe one element at a time (``selfconsist eval`` covers those)."""
-    if math.prod(vae.latent_shape) > 512:
-        return None
-    return responsive_elements(vae, torch.Generator().manual_seed(cfg.seed + 2))
+def _responsive(vae: VAEAdapter, cfg: TuneConfig) -> Tensor:
+    """Decoder-responsive latent elements: a fixed reference for the before/after table (the
+    decoder does not change). Spatial latents above 512 elements are probed per channel."""
+    return responsive_elements(vae, torch.Generator().manual_seed(cfg.seed + 2), max_elements=512)
 
 
 def _input_sha(vae: VAEAdapter) -> str | None:

@@ -116,6 +116,11 @@ def test_npy_npz_and_folder(tmp_path):
     for i in range(3):
         Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(folder / f"{i}.png")
     assert load_dataset(str(folder)).x.shape == (3, 3, 8, 8)
+    grey = tmp_path / "grey"
+    grey.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((8, 8), 60 * i, np.uint8)).save(grey / f"{i}.png")
+    assert load_dataset(str(grey)).x.shape == (2, 1, 8, 8)
 
 
 def test_bad_data_errors(tmp_path):
@@ -183,6 +188,7 @@ def bad_files(tmp_path, digits_model):
     (["info", "{model}", "--adapter", "{d}/x.py:Nope"], "does not exist"),
     (["tune", "{d}/trunc.safetensors", "--out", "{d}/o.safetensors"], "truncated"),
     (["tune", "{model}", "--out", "{d}/o.safetensors", "--rho", "1.5"], "rho"),
+    (["tune", "{model}", "--out", "{d}/o.safetensors", "--image-size", "64"], "image-size"),
     (["train", "--out", "{d}/o.safetensors", "--data", "{d}/nothing"], "no such"),
     (["train", "--out", "{d}/o.safetensors", "--objective", "gan"], "objective"),
 ])

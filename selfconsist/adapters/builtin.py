@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, SelfconsistError
 from ..io import META_PREFIX, load_safetensors, read_safetensors_header, save_safetensors
 from ..models import ModelConfig, build
 from .base import DiagonalGaussian, VAEAdapter
@@ -55,6 +55,9 @@ class BuiltinVAE(VAEAdapter):
 
     @classmethod
     def load(cls, path: Path, **options: Any) -> BuiltinVAE:
+        if options.get("image_size") is not None:
+            raise SelfconsistError("--image-size applies to models with convolutional latents "
+                                   "(diffusers); a built-in model has a fixed data shape")
         tensors, meta = load_safetensors(path)
         if meta.get(META_PREFIX + "format") != FORMAT or META_PREFIX + "config" not in meta:
             raise CheckpointError(
