@@ -127,8 +127,13 @@ def consistency_kl(
 
 
 def reparameterize(mean: Tensor, logvar: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    r"""z = μ + ε·σ with ε ~ N(0, I). (The official code multiplies by σ², which is wrong.)"""
-    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    r"""z = μ + ε·σ with ε ~ N(0, I). (The official code multiplies by σ², which is wrong.)
+
+    ε is drawn on the generator's device and moved to ``mean``'s, so a CPU generator gives the
+    same stream whether the model runs on CPU or GPU.
+    """
+    gen_device = generator.device if generator is not None else mean.device
+    eps = torch.randn(mean.shape, generator=generator, device=gen_device, dtype=mean.dtype).to(mean.device)
     return mean + eps * torch.exp(0.5 * logvar)
 
 

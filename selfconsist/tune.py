@@ -156,7 +156,7 @@ def posthoc_terms(vae: VAEAdapter, z0: Tensor, cfg: TuneConfig, obs_var: float,
             x = x + math.sqrt(obs_var) * randn(x.shape, gen, x.device)
     q = vae.encode(x)
     mh, lvh = obj.whiten(q.mean.float(), q.logvar.float(), prior.mean, prior.std)
-    z = q.mean.float() + randn(q.mean.shape, gen, x.device) * torch.exp(0.5 * q.logvar.float())
+    z = obj.reparameterize(q.mean.float(), q.logvar.float(), gen)
     if cfg.lambda_rec > 0:
         x_rec = vae.decode(z).float()  # the gradient reaches the encoder through z
         log_lik = obj.log_likelihood(x, x_rec, vae.likelihood, obs_var)

@@ -20,6 +20,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..objective import reparameterize
+
 
 def randn(
     shape: tuple[int, ...] | torch.Size,
@@ -49,8 +51,7 @@ class DiagonalGaussian:
 
     def sample(self, generator: torch.Generator | None = None) -> Tensor:
         """z = mean + ε·std (reparameterised, differentiable)."""
-        eps = randn(self.mean.shape, generator, self.mean.device, self.mean.dtype)
-        return self.mean + eps * self.std
+        return reparameterize(self.mean, self.logvar, generator)
 
 
 @dataclass
