@@ -54,6 +54,7 @@ from .data import Dataset, check_matches, load_dataset
 from .errors import DataError, SelfconsistError
 from .io import atomic_output
 from .runtime import resolve_device
+from .validate import require_finite
 
 #: How each metric's standard error is computed (a prefix matches metrics with ``@ε``/``@K``).
 STDERR_METHODS: dict[str, str] = {
@@ -140,6 +141,7 @@ class EvalConfig:
     data_seed: int = 0  # ColorMNIST colours
 
     def __post_init__(self) -> None:
+        require_finite(self)
         if self.eps is not None:
             self.eps = tuple(float(e) for e in self.eps)
             if not self.eps or any(not (e > 0 and math.isfinite(e)) for e in self.eps):

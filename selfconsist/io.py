@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -97,8 +98,13 @@ def atomic_output(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
 
     A crash or error leaves no half-written ``path``. An existing ``path`` is refused unless
     ``overwrite``. Works for files and folders (the block creates whatever it wants at the
-    temporary path).
+    temporary path). The result is fsynced (files, then folders) before the rename, and an
+    existing folder is renamed aside first and removed only after the new one is in place, so
+    at every moment ``path`` is either the complete old output or the complete new one. A full
+    disk ends in one :class:`SelfconsistError` with nothing left behind.
     """
+    import shutil
+
     path = Path(path)
     if path.exists() and not overwrite:
         raise SelfconsistError(f"{path} exists; pass --overwrite to replace it")
@@ -106,19 +112,70 @@ def atomic_output(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     target = tmp / path.name
     try:
-        yield target
-        if not target.exists():
-            raise RuntimeError(f"nothing was written to {target}")
-        _normal_permissions(target)
+        try:
+            yield target
+            if not target.exists():
+                raise RuntimeError(f"nothing was written to {target}")
+            _normal_permissions(target)
+            _fsync_tree(target)
+        except Exception as e:
+            if is_disk_full(e):
+                raise SelfconsistError(f"no space left on the device while writing {path}; "
+                                       "nothing was written: free some space and run again") from None
+            raise
+        aside = tmp / (path.name + ".old")
         if path.is_dir() and not path.is_symlink():
-            import shutil
-
-            shutil.rmtree(path)
-        os.replace(target, path)
+            os.replace(path, aside)  # same folder: atomic, and the old output still exists
+            try:
+                os.replace(target, path)
+            except BaseException:
+                os.replace(aside, path)
+                raise
+        else:
+            os.replace(target, path)
+        _fsync_dir(path.parent)
     finally:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """Whether ``e`` reports a full disk or quota (errno, or the text safetensors/torch give)."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e)
+    return "No space left on device" in text or "os error 28" in text or "Disk quota" in text
+
+
+def _fsync_dir(path: Path) -> None:
+    """fsync a folder so a rename inside it survives a power cut (no-op where unsupported)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EBADF):  # some filesystems can't fsync folders
+            raise
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    """fsync every file under ``path`` (or ``path`` itself), then the folders, deepest first."""
+    if path.is_file():
+        with open(path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        return
+    dirs = [path]
+    for p in sorted(path.rglob("*")):
+        if p.is_file() and not p.is_symlink():
+            with open(p, "rb+") as fh:
+                os.fsync(fh.fileno())
+        elif p.is_dir():
+            dirs.append(p)
+    for d in reversed(dirs):
+        _fsync_dir(d)
 
 
 def _normal_permissions(path: Path) -> None:
@@ -140,8 +197,12 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+        _fsync_dir(path.parent)
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, Exception) and is_disk_full(e):
+            raise SelfconsistError(f"no space left on the device while saving {path}; the previous "
+                                   "state is intact: free some space and run again with --resume") from None
         raise
 
 
@@ -153,7 +214,8 @@ def load_state(path: str | Path, config: str | None = None) -> dict[str, Any]:
     """
     path = Path(path)
     if not path.exists():
-        raise SelfconsistError(f"{path}: no state to resume from")
+        raise SelfconsistError(f"{path}: no state to resume from (the run stopped before its "
+                               "first save); run again without --resume")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure here means a bad state file
@@ -191,3 +253,111 @@ def state_path_for(out: str | Path) -> Path:
 
 
 ProgressFn = Callable[[int, dict[str, float]], None]
+
+
+def lock_path_for(out: str | Path) -> Path:
+    """The lock file a run writing ``out`` holds beside it."""
+    out = Path(out)
+    return out.with_name(out.name + ".lock")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _lock_owner(lock: Path) -> dict[str, Any] | None:
+    try:
+        info = json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+@contextmanager
+def output_lock(out: str | Path) -> Iterator[Path]:
+    """Hold ``OUT.lock`` (pid, host, start time, command) while a run writes ``out``.
+
+    A second run for the same ``out`` refuses with one line naming the first. A lock left by a
+    killed run (its pid is gone on this host) is taken over with a note on stderr. The lock is
+    written whole to a temporary file and hard-linked into place, so it is created atomically
+    (like ``O_CREAT|O_EXCL``) and never seen half-written; it is removed on every exit path.
+    """
+    import socket
+    import sys
+    import time
+
+    out = Path(out)
+    lock = lock_path_for(out)
+    made_parent = not out.parent.exists()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    me = {"pid": os.getpid(), "host": socket.gethostname(),
+          "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+          "command": " ".join(["selfconsist", *sys.argv[1:]])}
+    fd, tmp = tempfile.mkstemp(prefix=f".{lock.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(me, fh)
+        for _ in range(3):
+            try:
+                os.link(tmp, lock)
+                break
+            except FileExistsError:
+                owner = _lock_owner(lock)
+                if owner is None:
+                    raise SelfconsistError(f"{lock} exists but is unreadable; if no other run is "
+                                           f"writing {out}, remove it and run again") from None
+                if owner.get("host") == me["host"] and not _pid_alive(int(owner.get("pid", -1))):
+                    print(f"note: taking over the stale lock {lock} of a run that is gone "
+                          f"(pid {owner.get('pid')}, started {owner.get('started')})", file=sys.stderr)
+                    lock.unlink(missing_ok=True)
+                    continue
+                raise SelfconsistError(
+                    f"{out} is being written by another run (pid {owner.get('pid')} on "
+                    f"{owner.get('host')}, started {owner.get('started')}: {owner.get('command')}); "
+                    f"wait for it, or remove {lock} if that run is gone") from None
+        else:
+            raise SelfconsistError(f"cannot take the lock {lock}; run again")
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        if made_parent:
+            _rmdir_if_empty(out.parent)
+        raise
+    Path(tmp).unlink(missing_ok=True)
+    try:
+        yield lock
+    finally:
+        if (_lock_owner(lock) or {}).get("pid") == me["pid"]:
+            lock.unlink(missing_ok=True)
+        if made_parent:
+            _rmdir_if_empty(out.parent)
+
+
+def _rmdir_if_empty(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass
+
+
+def locks_output(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate a run function taking ``out``: hold :func:`output_lock` for it while it runs."""
+    import functools
+    import inspect
+
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        out = sig.bind(*args, **kwargs).arguments.get("out")
+        if out is None:
+            return fn(*args, **kwargs)
+        with output_lock(out):
+            return fn(*args, **kwargs)
+
+    return wrapper

@@ -31,12 +31,14 @@ from .io import (
     atomic_torch_save,
     json_meta,
     load_state,
+    locks_output,
     rng_state,
     set_rng_state,
     state_path_for,
 )
 from .models import ModelConfig
 from .runtime import Progress, check_finite, nonfinite_stop, resolve_device
+from .validate import require_finite
 
 
 @dataclass
@@ -63,6 +65,7 @@ class TrainConfig:
     data_seed: int = 0  # ColorMNIST colours
 
     def __post_init__(self) -> None:
+        require_finite(self)
         if self.objective not in ("vae", "avae"):
             raise SelfconsistError(f"--objective must be vae or avae, got {self.objective!r}")
         if not 0.0 < self.rho < 1.0:
@@ -100,6 +103,7 @@ def avae_step_terms(vae: BuiltinVAE, x: torch.Tensor, gen: torch.Generator, rho:
     return terms
 
 
+@locks_output
 def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
           progress: bool = True, data: Dataset | None = None) -> BuiltinVAE:
     """Train a built-in VAE and write it to ``out`` (one .safetensors with the config in its header)."""

@@ -35,6 +35,7 @@ from .io import (
     atomic_torch_save,
     json_meta,
     load_state,
+    locks_output,
     rng_state,
     set_rng_state,
     sha256_file,
@@ -42,6 +43,7 @@ from .io import (
 )
 from .metrics import responsive_elements, roundtrip_summary
 from .runtime import Progress, autocast, check_finite, nonfinite_stop, resolve_device
+from .validate import require_finite
 
 SCHEDULES = ("constant", "cosine", "linear")
 
@@ -73,6 +75,7 @@ class TuneConfig:
     eval_samples: int = 1024  # samples for the before/after figures
 
     def __post_init__(self) -> None:
+        require_finite(self)
         if not 0.0 < self.rho < 1.0:
             raise SelfconsistError(f"--rho must lie in (0, 1), got {self.rho}")
         if self.lambda_rec < 0:
@@ -181,6 +184,7 @@ def _input_sha(vae: VAEAdapter) -> str | None:
     return sha256_file(path) if path is not None and Path(path).exists() else None
 
 
+@locks_output
 def tune(vae: VAEAdapter, cfg: TuneConfig | None = None, out: str | Path | None = None, *,
          resume: bool = False, overwrite: bool = False, progress: bool = True,
          metadata: dict[str, str] | None = None) -> TuneResult:
