@@ -308,7 +308,8 @@ class PythaeVAE(VAEAdapter):
         try:
             name = read_config(folder)["name"]
         except CheckpointError:
-            return False
+            # Only pythae writes model_config.json: claim a broken one so that load names it.
+            return True
         # Unsupported pythae models are claimed too, so that load says why they are refused.
         return name in SUPPORTED or name in UNSUPPORTED
 
