@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import struct
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -125,17 +126,39 @@ def atomic_output(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
             raise
         aside = tmp / (path.name + ".old")
         if path.is_dir() and not path.is_symlink():
-            os.replace(path, aside)  # same folder: atomic, and the old output still exists
-            try:
-                os.replace(target, path)
-            except BaseException:
-                os.replace(aside, path)
-                raise
+            if not _exchange(target, path):  # atomic swap where the kernel offers it, else:
+                os.replace(path, aside)  # same folder: atomic, and the old output still exists
+                try:
+                    os.replace(target, path)
+                except BaseException:
+                    os.replace(aside, path)
+                    raise
         else:
             os.replace(target, path)
         _fsync_dir(path.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported.
+
+    With it, replacing a folder has no moment at all without OUT; without it, the fallback
+    renames the old folder aside first, so OUT is missing only between two renames and the old
+    one is never deleted before the new one is in place.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    ok = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+    return ok
 
 
 def is_disk_full(e: BaseException) -> bool:
@@ -289,7 +312,6 @@ def output_lock(out: str | Path) -> Iterator[Path]:
     (like ``O_CREAT|O_EXCL``) and never seen half-written; it is removed on every exit path.
     """
     import socket
-    import sys
     import time
 
     out = Path(out)

@@ -48,7 +48,7 @@ class _WritesMarker:
 
 
 def _evil_pickle(marker: Path) -> bytes:
-    return pickle.dumps({"model_state_dict": _WritesMarker(marker)})
+    return pickle.dumps({"model_state_dict": _WritesMarker(marker)}, protocol=2)
 
 
 def _header(n: int, header: bytes) -> bytes:
@@ -152,7 +152,7 @@ def inputs(tmp_path_factory, digits_model) -> dict[str, Path]:
     put("pyt_evil_pt/model.pt", _evil_pickle(marker))
     enc_cfg = json.loads(files["model_config.json"])
     put("pyt_evil_enc/model_config.json", json.dumps({**enc_cfg, "uses_default_encoder": False}).encode())
-    put("pyt_evil_enc/encoder.pkl", pickle.dumps(_WritesMarker(marker)))
+    put("pyt_evil_enc/encoder.pkl", pickle.dumps(_WritesMarker(marker), protocol=2))
     put("pyt_ae/model_config.json", json.dumps({**enc_cfg, "name": "AEConfig"}).encode())
     # data and latents
     np.save(d / "data_1d.npy", np.zeros(10, np.float32))
@@ -438,31 +438,44 @@ def test_full_disk_writing_the_state_keeps_the_previous_state(inputs, tmp_path, 
 
 
 # --- durability of --overwrite ----------------------------------------------------------------
-def test_overwrite_of_a_folder_never_leaves_no_out(tmp_path, monkeypatch):
-    from selfconsist.io import atomic_output
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "rename-aside"])
+def test_overwrite_of_a_folder_keeps_the_old_one_until_the_new_one_is_in(tmp_path, monkeypatch,
+                                                                         exchange):
+    from selfconsist import io
 
     out = tmp_path / "model"
     out.mkdir()
     (out / "old.txt").write_text("old")
-    real, seen = os.replace, []
+    if not exchange:
+        monkeypatch.setattr(io, "_exchange", lambda a, b: False)
+    real, events = os.replace, []
 
     def replace(src, dst):
-        seen.append(out.exists())  # before every rename, OUT is there
+        events.append((Path(src).name, Path(dst).name, out.exists()))
         real(src, dst)
-        if Path(dst) != out:
-            seen.append(out.exists())  # after renaming the old one aside it is gone only briefly…
 
     monkeypatch.setattr(os, "replace", replace)
-    with atomic_output(out, overwrite=True) as tmp:
+    removed = []
+    real_rmtree = __import__("shutil").rmtree
+    monkeypatch.setattr("shutil.rmtree", lambda p, **k: (removed.append(
+        sorted(x.name for x in Path(p).iterdir()) if Path(p).exists() else []), real_rmtree(p, **k)))
+    with io.atomic_output(out, overwrite=True) as tmp:
         tmp.mkdir()
         (tmp / "new.txt").write_text("new")
-    assert seen[0] is True
-    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+    # renameat2 swaps them with no moment without OUT (no os.replace at all); where the kernel
+    # or filesystem lacks it, the old one goes aside (while OUT exists), then the new one comes in
+    assert events in (([], [("model", "model.old", True), ("model", "model", False)]) if exchange
+                      else ([("model", "model.old", True), ("model", "model", False)],))
+    assert removed and removed[-1] in (["model"], ["model.old"])  # the old one, deleted last
+    assert (out / "new.txt").read_text() == "new" and not (out / "old.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
 def test_overwrite_failure_puts_the_old_folder_back(tmp_path, monkeypatch):
+    from selfconsist import io
     from selfconsist.io import atomic_output
+
+    monkeypatch.setattr(io, "_exchange", lambda a, b: False)
 
     out = tmp_path / "model"
     out.mkdir()
