@@ -357,6 +357,20 @@ def test_stale_lock_is_taken_over_and_released(inputs, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.safetensors"]
 
 
+def test_non_finite_settings_refused_by_the_library(digits_model):
+    from selfconsist.evaluate import EvalConfig
+    from selfconsist.train import TrainConfig
+    from selfconsist.tune import TuneConfig
+
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for make in (lambda v: TuneConfig(lr=v), lambda v: TuneConfig(obs_var=v),
+                     lambda v: TrainConfig(obs_var=v), lambda v: EvalConfig(eps=(0.1, v)),
+                     lambda v: selfconsist.load(digits_model, scaling_factor=v),
+                     lambda v: selfconsist.load(digits_model, data_range=(0.0, v))):
+            with pytest.raises(SelfconsistError, match="must be a finite number"):
+                make(bad)
+
+
 def test_lock_is_released_on_errors_and_unreadable_locks_refused(tmp_path):
     from selfconsist.io import lock_path_for, output_lock
 

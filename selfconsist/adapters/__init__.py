@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,10 @@ def load(path: str | Path, adapter: str | None = None, **options: Any) -> VAEAda
     ``load`` (e.g. ``trust_remote_code=True``).
     """
     path = Path(path)
+    for name, value in options.items():  # e.g. --scaling-factor nan: refuse it before loading
+        values = value if isinstance(value, tuple) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise SelfconsistError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
     cls = get_adapter_class(adapter) if adapter else detect(path)
