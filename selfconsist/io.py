@@ -284,7 +284,10 @@ def lock_path_for(out: str | Path) -> Path:
     return out.with_name(out.name + ".lock")
 
 
-def _pid_alive(pid: int) -> bool:
+def _pid_alive(pid: Any) -> bool:
+    """Whether ``pid`` runs on this host; anything odd counts as alive (never steal a lock)."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -334,7 +337,7 @@ def output_lock(out: str | Path) -> Iterator[Path]:
                 if owner is None:
                     raise SelfconsistError(f"{lock} exists but is unreadable; if no other run is "
                                            f"writing {out}, remove it and run again") from None
-                if owner.get("host") == me["host"] and not _pid_alive(int(owner.get("pid", -1))):
+                if owner.get("host") == me["host"] and not _pid_alive(owner.get("pid")):
                     print(f"note: taking over the stale lock {lock} of a run that is gone "
                           f"(pid {owner.get('pid')}, started {owner.get('started')})", file=sys.stderr)
                     lock.unlink(missing_ok=True)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import CheckpointError, SelfconsistError
+from .validate import require_finite
 
 ARCHS = ("mlp", "conv")
 
@@ -38,6 +39,7 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        require_finite(self)  # e.g. "obs_var": NaN in a checkpoint header
         self.data_shape = tuple(int(s) for s in self.data_shape)
         self.channels = tuple(int(c) for c in self.channels)
         if self.arch not in ARCHS:

@@ -89,6 +89,11 @@ def inputs(tmp_path_factory, digits_model) -> dict[str, Path]:
         {**json.loads(header["__metadata__"]["selfconsist.config"]), "latent_dim": 7})}
     raw = json.dumps(wrong).encode()
     put("wrong_shapes.safetensors", _header(len(raw), raw) + good[8 + n:])
+    nan_var = dict(header)
+    nan_var["__metadata__"] = {**header["__metadata__"], "selfconsist.config": json.dumps(
+        {**json.loads(header["__metadata__"]["selfconsist.config"]), "obs_var": float("nan")})}
+    raw = json.dumps(nan_var).encode()
+    put("nan_obs_var.safetensors", _header(len(raw), raw) + good[8 + n:])
     lying = dict(header)
     key = next(k for k in header if k != "__metadata__")
     lying[key] = {**header[key], "data_offsets": [0, 10**9]}
@@ -207,6 +212,7 @@ CASES = [
     (["info", "{text.safetensors}"], 2, "safetensors"),
     (["info", "{bad_config.safetensors}"], 2, "config"),
     (["info", "{wrong_shapes.safetensors}"], 2, "do not match"),
+    (["info", "{nan_obs_var.safetensors}"], 2, "corrupt model config"),
     (["info", "{lying_offsets.safetensors}"], 2, "truncated"),
     (["info", "{plain.safetensors}"], 2, "--adapter"),
     (["info", "{folder_empty}"], 2, "folder_empty"),
@@ -390,6 +396,11 @@ def test_lock_is_released_on_errors_and_unreadable_locks_refused(tmp_path):
     lock_path_for(out).write_text("")
     with pytest.raises(SelfconsistError, match="unreadable"), output_lock(out):
         pass
+    # an odd pid is never taken for a dead one: refuse rather than steal a live run's lock
+    lock_path_for(out).write_text(json.dumps({"pid": "12x", "host": socket.gethostname()}))
+    with pytest.raises(SelfconsistError, match="being written by another run"), output_lock(out):
+        pass
+    assert lock_path_for(out).exists()
 
 
 # --- a full disk ------------------------------------------------------------------------------

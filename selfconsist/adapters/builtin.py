@@ -66,7 +66,7 @@ class BuiltinVAE(VAEAdapter):
             )
         try:
             config = ModelConfig.from_dict(json.loads(meta[META_PREFIX + "config"]))
-        except (json.JSONDecodeError, TypeError) as e:
+        except (json.JSONDecodeError, TypeError, SelfconsistError) as e:
             raise CheckpointError(f"{path}: corrupt model config in header ({e})") from None
         vae = cls(config)
         try:
