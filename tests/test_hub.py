@@ -250,7 +250,7 @@ def test_resolve_from_offline_cache(hf_home, tiny_model):
     assert src.extra == {"subfolder": "model", "requested_revision": "v1"}
 
     # load_model attaches the Hub origin to the adapter.
-    from selfconsist.cli.common import load_model
+    from selfconsist.loading import load_model
 
     vae = load_model("owner/name:model", None)
     assert vae.source.repo_id == "owner/name" and vae.source.license == "mit"
