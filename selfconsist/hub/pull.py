@@ -217,12 +217,23 @@ def resolve(model: str, *, revision: str | None = None, trust_remote_code: bool 
     Offline (``HF_HUB_OFFLINE=1``, or the Hub unreachable): use the cached snapshot for
     ``revision``, or fail with one line saying how to get it.
     """
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
     from huggingface_hub.utils import logging as hf_logging
 
-    # huggingface_hub logs each failed request as a warning; our error is the one line users see.
+    # huggingface_hub logs each failed request as a warning; our error is the one line users
+    # see. Quiet only for this call: the user's own logging level is restored afterwards.
+    level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
+    try:
+        return _resolve(model, revision=revision, trust_remote_code=trust_remote_code, token=token)
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _resolve(model: str, *, revision: str | None, trust_remote_code: bool,
+             token: str | None) -> Resolved:
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
     ref = parse_repo_ref(model)
     files = _list_remote(ref, revision, token)
     if files is not None:
