@@ -221,11 +221,13 @@ class PushResult:
 
 
 def plan_upload(bundle: Bundle, repo_id: str, *, existing_card: str | None = None,
-                base: SourceInfo | None = None, command: str | None = None) -> dict[str, Path | bytes]:
+                base: SourceInfo | None = None, command: str | None = None,
+                license: str | None = None) -> dict[str, Path | bytes]:
     """Repo path → content (a local file or bytes) for everything a push sends.
 
     ``base`` overrides the base model's origin read from the checkpoint's metadata;
-    ``command`` overrides the recorded ``selfconsist tune`` command line.
+    ``command`` overrides the recorded ``selfconsist tune`` command line; ``license`` is the
+    uploader's choice (the card then does not call it the base model's).
     """
     from .. import modelcard
 
@@ -253,8 +255,10 @@ def plan_upload(bundle: Bundle, repo_id: str, *, existing_card: str | None = Non
         model_kind=modelcard.model_kind(bundle.model, meta),
         base_model=base.repo_id,
         base_revision=base.revision,
-        license=base.license,
-        license_extra={k: v for k, v in base.extra.items() if k in ("license_name", "license_link")},
+        license=license or base.license,
+        license_given=license is not None,
+        license_extra={} if license else {k: v for k, v in base.extra.items()
+                                          if k in ("license_name", "license_link")},
         eval_metrics=metrics,
         figures=sorted(k for k in evals if k.endswith((".png", ".svg"))),
         checkpoint_metrics=_json_field(meta, "metrics"),
@@ -300,7 +304,8 @@ def _existing_remote_card(api: Any, repo_id: str, revision: str | None, token: s
 def push_bundle(bundle: Bundle, repo_id: str, *, private: bool = False, revision: str | None = None,
                 create_pr: bool = False, dry_run: bool = False, dry_run_dir: str | Path | None = None,
                 overwrite: bool = False, base: SourceInfo | None = None, command: str | None = None,
-                commit_message: str | None = None, token: str | None = None) -> PushResult:
+                commit_message: str | None = None, commit_description: str | None = None,
+                token: str | None = None, license: str | None = None) -> PushResult:
     """Upload a :class:`Bundle` to ``repo_id`` (creating the repo, and the branch for
     ``revision``, if needed) in one commit; or, with ``dry_run``, only write the folder
     that would be uploaded and contact nothing."""
@@ -308,7 +313,8 @@ def push_bundle(bundle: Bundle, repo_id: str, *, private: bool = False, revision
 
     existing = bundle.card.read_text(encoding="utf-8") if bundle.card is not None else None
     if dry_run:
-        files = plan_upload(bundle, repo_id, existing_card=existing, base=base, command=command)
+        files = plan_upload(bundle, repo_id, existing_card=existing, base=base, command=command,
+                            license=license)
         if dry_run_dir is None:
             folder = Path(tempfile.mkdtemp(prefix="selfconsist-push-"))
             write_plan(files, folder)
@@ -322,7 +328,8 @@ def push_bundle(bundle: Bundle, repo_id: str, *, private: bool = False, revision
 
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    plan_upload(bundle, repo_id, existing_card=existing, base=base, command=command)  # fail early
+    plan_upload(bundle, repo_id, existing_card=existing, base=base, command=command,
+                license=license)  # fail early
     api = HfApi(token=token, library_name="selfconsist", library_version=__version__)
     try:
         api.create_repo(repo_id, private=True if private else None, exist_ok=True, repo_type="model")
@@ -330,13 +337,14 @@ def push_bundle(bundle: Bundle, repo_id: str, *, private: bool = False, revision
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         if existing is None:
             existing = _existing_remote_card(api, repo_id, revision, token)
-        files = plan_upload(bundle, repo_id, existing_card=existing, base=base, command=command)
+        files = plan_upload(bundle, repo_id, existing_card=existing, base=base, command=command,
+                            license=license)
         ops = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=src if isinstance(src, bytes)
                                   else str(src)) for rel, src in files.items()]
         info = api.create_commit(
             repo_id, ops, revision=revision, create_pr=create_pr,
             commit_message=commit_message or "selfconsist: upload self-consistent tuned model",
-            commit_description=f"Uploaded with selfconsist {__version__}.")
+            commit_description=commit_description or f"Uploaded with selfconsist {__version__}.")
     except (HfHubHTTPError, _network_error()) as e:
         raise _hub_error(f"cannot push to {repo_id}", e) from None
     return PushResult(repo_id=repo_id, files=sorted(files), commit_url=str(info.commit_url),

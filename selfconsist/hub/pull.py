@@ -182,13 +182,13 @@ def _model_path(folder: Path, ref: RepoRef, shown: str) -> Path:
 
 def read_front_matter(readme: Path) -> dict[str, Any]:
     """The YAML front matter of a model card (empty when absent or unreadable)."""
-    from ..modelcard import split_front_matter
+    from huggingface_hub import metadata_load
 
     try:
-        front, _, _ = split_front_matter(readme.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError):
+        front = metadata_load(readme)
+    except Exception:  # noqa: BLE001 - bad YAML, bad encoding: a card we cannot read says nothing
         return {}
-    return front
+    return front if isinstance(front, dict) else {}
 
 
 def _list_remote(ref: RepoRef, revision: str | None, token: str | None) -> list[str] | None:
