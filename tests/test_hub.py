@@ -216,6 +216,17 @@ def make_outdir(tmp_path: Path, model: Path, readme: str | None = None) -> Path:
 # ------------------------------------------------------------------------------------------
 # pulling
 # ------------------------------------------------------------------------------------------
+def test_python_load_resolves_hub_ids(hf_home, tiny_model):
+    import selfconsist
+
+    cache_repo(hf_home, "owner/name", {"model.safetensors": tiny_model,
+                                       "README.md": b"---\nlicense: mit\n---\n"})
+    vae = selfconsist.load("owner/name")  # was "no such file or folder"
+    assert vae.source.repo_id == "owner/name" and vae.source.revision == COMMIT
+    assert vae.source.license == "mit"
+    assert selfconsist.load("owner/name:model.safetensors", revision="main").source.repo_id == "owner/name"
+
+
 def test_select_files_fetches_only_what_adapters_read():
     files = ["README.md", "config.json", "diffusion_pytorch_model.safetensors",
              "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.bin",
