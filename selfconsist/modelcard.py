@@ -177,9 +177,8 @@ def _dataset(metrics: dict[str, Any]) -> str:
     spec = str((data or {}).get("spec") or "") if isinstance(data, dict) else ""
     if not spec:
         return "prior-samples"
-    kind = spec.split(":", 1)[0]
-    return kind if kind.isidentifier() and "/" not in spec.split(":", 1)[0] and \
-        not Path(spec).suffix else "custom"
+    kind = spec.split(":", 1)[0]  # "mnist:PATH" → mnist; a file or folder spec → custom
+    return kind if kind.isidentifier() else "custom"
 
 
 def eval_results(info: CardInfo) -> list[Any]:
