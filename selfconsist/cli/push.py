@@ -61,7 +61,7 @@ def split_targets(args: list[str], repo_id: str | None) -> tuple[Path, str]:
 
 @app.command("push", help=HELP)
 def push(
-    targets: list[str] = typer.Argument(..., metavar="[REPO_ID] OUTDIR",
+    targets: list[str] = typer.Argument(..., metavar="REPO_ID OUTDIR",
                                         help="The target repo (owner/name), unless --repo-id is "
                                         "given, and the tuned model file, model folder or OUTDIR."),
     repo_id: str | None = typer.Option(None, "--repo-id", help="Target model repo, owner/name."),
