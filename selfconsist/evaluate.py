@@ -37,7 +37,7 @@ import json
 import math
 import platform
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -577,12 +577,11 @@ def _versions() -> dict[str, str]:
 
 # --- the entry point ---------------------------------------------------------------------------
 
-def _load(model: Any, adapter: str | None, trust_remote_code: bool) -> VAEAdapter:
-    if isinstance(model, VAEAdapter):
-        return model
-    from .cli.common import load_model
+def _load(model: Any, adapter: str | None, trust_remote_code: bool,
+          options: Mapping[str, Any] | None = None) -> VAEAdapter:
+    from .loading import load_model
 
-    return load_model(str(model), adapter, trust_remote_code)
+    return load_model(model, adapter, trust_remote_code, **dict(options or {}))
 
 
 def _check_out(out: Path, overwrite: bool) -> bool:
@@ -600,7 +599,8 @@ def evaluate(model: Any, compare: Any = None, *, data: Any = None, labels: Any =
              out: str | Path | None = None, config: EvalConfig | None = None,
              name: str = "model", compare_name: str = "tuned", overwrite: bool = False,
              progress: bool = False, adapter: str | None = None,
-             compare_adapter: str | None = None, trust_remote_code: bool = False) -> EvalResult:
+             compare_adapter: str | None = None, trust_remote_code: bool = False,
+             load_options: Mapping[str, Any] | None = None) -> EvalResult:
     """Evaluate ``model`` (and ``compare``, e.g. its tuned copy) on every metric.
 
     ``model``/``compare`` are adapters or checkpoint paths; ``data`` a spec of
@@ -616,9 +616,13 @@ def evaluate(model: Any, compare: Any = None, *, data: Any = None, labels: Any =
     replace = _check_out(out_path, overwrite) if out_path is not None else False
 
     device = resolve_device(cfg.device)
-    vaes = {name: _load(model, adapter, trust_remote_code)}
+    # load_options (selfconsist.loading.LoadOptions fields) apply to both models; the Hub
+    # revision only to MODEL (--compare is usually the local tuned file).
+    opts = dict(load_options or {})
+    vaes = {name: _load(model, adapter, trust_remote_code, opts)}
     if compare is not None:
-        vaes[compare_name] = _load(compare, compare_adapter or adapter, trust_remote_code)
+        vaes[compare_name] = _load(compare, compare_adapter or adapter, trust_remote_code,
+                                   {k: v for k, v in opts.items() if k != "revision"})
     shapes = {tuple(v.data_shape) for v in vaes.values()}
     if len(shapes) > 1:
         raise SelfconsistError(f"the models take different data shapes {sorted(shapes)}; "

@@ -3,7 +3,15 @@
 A card is ``---`` YAML front matter ``---`` followed by markdown. selfconsist owns only
 the text between :data:`START` and :data:`END`; everything else the user wrote is kept
 byte for byte. Front matter is merged key by key: the user's scalar values win, lists
-(``tags``) are united, and keys we know and the card lacks are added.
+(``tags``) are united, and keys we know and the card lacks are added; our ``model-index``
+entry (huggingface_hub's :class:`~huggingface_hub.EvalResult` format) replaces the one
+of the same name, as its numbers are from this push.
+
+huggingface_hub's card classes build the ``model-index`` (:class:`ModelCardData`) and read
+a repo's card (:func:`huggingface_hub.metadata_load`). Splitting and re-joining the text
+stays hand-written here: ``ModelCard`` re-serialises the whole front matter, which would
+lose the user's comments, key order and formatting, and it silently drops a
+``model-index`` it cannot parse.
 """
 
 from __future__ import annotations
@@ -47,6 +55,12 @@ def merge_front_matter(existing: dict[str, Any], ours: dict[str, Any]) -> dict[s
     for key, value in ours.items():
         if value is None or value == [] or value == "":
             continue
+        if key == "model-index" and isinstance(value, list):
+            mine = {e.get("name") for e in value if isinstance(e, dict)}
+            kept = [e for e in (existing.get(key) or []) if not (isinstance(e, dict)
+                                                                  and e.get("name") in mine)]
+            merged[key] = kept + value
+            continue
         old = merged.get(key)
         if old is None:
             merged[key] = value
@@ -58,9 +72,9 @@ def merge_front_matter(existing: dict[str, Any], ours: dict[str, Any]) -> dict[s
 
 
 def _dump(front: dict[str, Any]) -> str:
-    import yaml
+    from huggingface_hub.utils import yaml_dump  # the YAML flavour the Hub's own cards use
 
-    return "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip("\n") + "\n---\n"
+    return "---\n" + yaml_dump(front, sort_keys=False).rstrip("\n") + "\n---\n"
 
 
 def replace_section(body: str, section: str) -> str:
@@ -98,6 +112,7 @@ class CardInfo:
     base_model: str | None = None
     base_revision: str | None = None
     license: str | None = None
+    license_given: bool = False  # True: chosen with --license; False: the base model's
     license_extra: dict[str, Any] = field(default_factory=dict)
     eval_metrics: dict[str, Any] | None = None  # selfconsist eval's metrics.json
     figures: list[str] = field(default_factory=list)  # repo paths
@@ -134,7 +149,10 @@ def diffusers_class(model: Path) -> str | None:
 
 def front_matter(info: CardInfo) -> dict[str, Any]:
     """The keys selfconsist contributes to the card's YAML front matter."""
-    front: dict[str, Any] = {"library_name": "selfconsist", "tags": list(TAGS)}
+    # library_name decides the Hub's "use this model" snippet: a diffusers folder loads with
+    # diffusers itself, anything else through selfconsist.
+    library = "diffusers" if info.model_kind == "diffusers" else "selfconsist"
+    front: dict[str, Any] = {"library_name": library, "tags": list(TAGS)}
     if info.model_kind == "diffusers":
         front["tags"].append("diffusers")
     if info.base_model:
@@ -143,7 +161,45 @@ def front_matter(info: CardInfo) -> dict[str, Any]:
     if info.license:
         front["license"] = info.license
         front.update({k: v for k, v in info.license_extra.items() if v})
+    results = eval_results(info)
+    if results:
+        from huggingface_hub import ModelCardData
+
+        name = info.repo_id.split("/", 1)[-1]
+        front["model-index"] = ModelCardData(model_name=name, eval_results=results).to_dict()["model-index"]
     return front
+
+
+def _dataset(metrics: dict[str, Any]) -> str:
+    """A short dataset name for ``model-index``: the data spec's kind (``digits``, ``mnist``),
+    never a local path; ``prior-samples`` for a data-free run."""
+    data = metrics.get("data") if isinstance(metrics, dict) else None
+    spec = str((data or {}).get("spec") or "") if isinstance(data, dict) else ""
+    if not spec:
+        return "prior-samples"
+    kind = spec.split(":", 1)[0]  # "mnist:PATH" → mnist; a file or folder spec → custom
+    return kind if kind.isidentifier() else "custom"
+
+
+def eval_results(info: CardInfo) -> list[Any]:
+    """The pushed model's numbers from the eval run as huggingface_hub ``EvalResult``s (the
+    ``tuned`` column, else the last model in metrics.json); empty without an eval run."""
+    from huggingface_hub import EvalResult
+
+    m = info.eval_metrics
+    models = m.get("models") if isinstance(m, dict) else None
+    if not isinstance(models, dict) or not models:
+        return []
+    col = models.get("tuned") if "tuned" in models else list(models.values())[-1]
+    dataset = _dataset(m)
+    out = []
+    for metric, entry in (col or {}).items():
+        value = entry.get("value") if isinstance(entry, dict) else entry
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
+            out.append(EvalResult(task_type="image-feature-extraction", task_name="VAE self-consistency",
+                                  dataset_type=dataset, dataset_name=dataset, metric_type=metric,
+                                  metric_value=float(value)))
+    return out
 
 
 def _fmt(entry: Any) -> str:
@@ -215,13 +271,15 @@ def render_section(info: CardInfo) -> str:
         base += f" (revision `{info.base_revision[:12]}`)"
     out = [START, f"# {title}", "",
            f"This is {base} with its **encoder fine-tuned for self-consistency** by "
-           "[selfconsist](https://pypi.org/project/selfconsist/), post hoc and without data: "
+           "selfconsist, post hoc and without data: "
            f"the AVAE objective ([Cemgil et al., 2020]({PAPER})) on the model's own samples. "
            "The decoder is unchanged, bit for bit; the encoder is trained so that re-encoding "
            "a decoded latent lands close to where it started (the paper reports that this "
            "also makes encoders more robust to small input perturbations; the evaluation "
            "below measures it for this model).", ""]
-    if info.license:
+    if info.license and info.license_given:
+        out += [f"License: `{info.license}`, as chosen by the uploader.", ""]
+    elif info.license:
         out += [f"License: `{info.license}`, carried over from the base model.", ""]
 
     out += ["## Evaluation", ""]
@@ -262,7 +320,7 @@ def render_section(info: CardInfo) -> str:
         out += ["The checkpoint carries no tuning record.", ""]
 
     out += ["## How to load", "", _load_snippet(info), "",
-            "Or with the command line (`pip install selfconsist`):", "",
+            "Or with selfconsist's command line:", "",
             f"```bash\nselfconsist info {info.repo_id}\n"
             f"selfconsist eval {info.base_model or 'BASE_MODEL'} --compare {info.repo_id} --out eval/\n```",
             "", END]

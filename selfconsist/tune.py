@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -99,6 +100,9 @@ class TuneResult:
     before: dict[str, dict[str, float]]
     after: dict[str, dict[str, float]]
     out: Path | None = None
+    #: The tuned model in the kind the caller passed: for an in-memory diffusers/pythae model
+    #: the tuned copy (in the caller's dtype and device); otherwise the adapter (``vae``).
+    model: Any = None
 
 
 def lr_factor(step: int, cfg: TuneConfig) -> float:
@@ -185,10 +189,18 @@ def _input_sha(vae: VAEAdapter) -> str | None:
 
 
 @locks_output
-def tune(vae: VAEAdapter, cfg: TuneConfig | None = None, out: str | Path | None = None, *,
+def tune(vae: VAEAdapter | Any, cfg: TuneConfig | None = None, out: str | Path | None = None, *,
          resume: bool = False, overwrite: bool = False, progress: bool = True,
          metadata: dict[str, str] | None = None) -> TuneResult:
-    """Tune ``vae``'s encoder in place for self-consistency; write it to ``out`` if given."""
+    """Tune ``vae``'s encoder for self-consistency; write it to ``out`` if given.
+
+    ``vae`` is anything :func:`selfconsist.load` takes. An adapter is tuned in place; a path
+    or Hub id is loaded first; an in-memory diffusers or pythae model is tuned on a copy and
+    never changed, and ``result.model`` is that tuned copy in the caller's dtype and device.
+    """
+    from .loading import as_adapter, native_like
+
+    given, vae = vae, as_adapter(vae)
     cfg = cfg or TuneConfig()
     out = Path(out) if out is not None else None
     if out is not None and out.exists() and not overwrite:
@@ -295,4 +307,4 @@ def tune(vae: VAEAdapter, cfg: TuneConfig | None = None, out: str | Path | None 
             vae.save(tmp, meta)
         if state_file is not None:
             state_file.unlink(missing_ok=True)
-    return TuneResult(vae=vae, before=before, after=after, out=out)
+    return TuneResult(vae=vae, before=before, after=after, out=out, model=native_like(vae, given))

@@ -401,7 +401,10 @@ def test_single_file_roundtrip_keeps_layout_dtypes_and_extra_keys(tmp_path, base
     again = load(out)
     assert again.config_source == "recorded by selfconsist"
     assert again.model.config.scaling_factor == 0.5 and again.model.config.shift_factor == 0.1
-    assert again.image_size == (256, 256)  # the default: a single file records no sample_size
+    # ...and so is the image size it was tuned at (it used to fall back to 256 px, so a file
+    # tuned at 32 px could not be evaluated at its own size)
+    assert again.image_size == tuple(vae.image_size) == (32, 32)
+    assert load(out, image_size=64).image_size == (64, 64)  # an explicit size still wins
 
 
 def _cast_roundtrip(model: AutoencoderKL, dtype: torch.dtype) -> AutoencoderKL:

@@ -216,6 +216,17 @@ def make_outdir(tmp_path: Path, model: Path, readme: str | None = None) -> Path:
 # ------------------------------------------------------------------------------------------
 # pulling
 # ------------------------------------------------------------------------------------------
+def test_python_load_resolves_hub_ids(hf_home, tiny_model):
+    import selfconsist
+
+    cache_repo(hf_home, "owner/name", {"model.safetensors": tiny_model,
+                                       "README.md": b"---\nlicense: mit\n---\n"})
+    vae = selfconsist.load("owner/name")  # was "no such file or folder"
+    assert vae.source.repo_id == "owner/name" and vae.source.revision == COMMIT
+    assert vae.source.license == "mit"
+    assert selfconsist.load("owner/name:model.safetensors", revision="main").source.repo_id == "owner/name"
+
+
 def test_select_files_fetches_only_what_adapters_read():
     files = ["README.md", "config.json", "diffusion_pytorch_model.safetensors",
              "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.bin",
@@ -250,7 +261,7 @@ def test_resolve_from_offline_cache(hf_home, tiny_model):
     assert src.extra == {"subfolder": "model", "requested_revision": "v1"}
 
     # load_model attaches the Hub origin to the adapter.
-    from selfconsist.cli.common import load_model
+    from selfconsist.loading import load_model
 
     vae = load_model("owner/name:model", None)
     assert vae.source.repo_id == "owner/name" and vae.source.license == "mit"
@@ -380,6 +391,15 @@ def test_push_sends_model_eval_and_card_through_hfapi(tmp_path, fake_hub, tiny_m
     assert "![drift](eval/drift.png)" in body
     assert "selfconsist tune owner/base --steps 50 --rho 0.9 --device cpu" in body
     assert 'hf_hub_download("me/tuned", "tuned.safetensors")' in body
+    # --license was given: the card must not claim it came from the base model
+    assert "License: `apache-2.0`, as chosen by the uploader." in body and "carried over" not in body
+    assert "pip install" not in card and "pypi.org" not in card  # not published on an index
+    (entry,) = front["model-index"]  # the eval numbers, in huggingface_hub's EvalResult format
+    assert entry["name"] == "tuned"
+    (result,) = entry["results"]
+    assert result["dataset"]["name"] == "prior-samples"
+    assert {"type": "consistency_kl", "value": 0.25} in [
+        {k: m[k] for k in ("type", "value")} for m in result["metrics"]]
     assert_token_only_in_auth_header(fake_hub)
     assert no_token_in(captured.out, captured.err)
 
@@ -417,7 +437,8 @@ def test_dry_run_writes_the_folder_and_contacts_nothing(tmp_path, tiny_model):
     # The base model's card is in the cache (tune downloaded it): its license is carried over.
     cache_repo(tmp_path / "hf", "owner/base", {"README.md": b"---\nlicense: bsd-3-clause\n---\n"})
     env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "HF_TOKEN": FAKE_TOKEN}
-    r = cli("push", str(out), "--repo-id", "me/tuned", "--dry-run", "--dry-run-dir", str(dest), env=env)
+    # hf upload's order (REPO_ID first); --dry-run DIR writes exactly where it is told
+    r = cli("push", "me/tuned", str(out), "--dry-run", str(dest), env=env)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == str(dest)
     got = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())

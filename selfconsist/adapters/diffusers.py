@@ -38,6 +38,7 @@ headers.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -415,12 +416,21 @@ class DiffusersVAE(VAEAdapter):
     # --- construction ------------------------------------------------------------------------
     @classmethod
     def from_model(cls, model: nn.Module, **options: Any) -> DiffusersVAE:
-        """Wrap an in-memory diffusers model (``save`` then writes a diffusers folder in fp32)."""
+        """Wrap an in-memory diffusers model (``save`` then writes a diffusers folder in fp32).
+
+        The adapter holds an fp32 **copy**: tuning (which casts to fp32, freezes the decoder and
+        switches modes) never touches the caller's model, whatever its dtype.
+        """
         opts = LoadOptions.from_dict(options)
         why = refusal(type(model).__name__)
         if why is not None:
             raise UnsupportedModelError(why)
-        vae = cls(model.float(), image_size=opts.image_size, obs_var=opts.obs_var)
+        model = copy.deepcopy(model).float()
+        overrides = {k: v for k, v in _override_stats(dict(model.config), opts).items()
+                     if k in ("scaling_factor", "shift_factor") and v != model.config.get(k)}
+        if overrides:  # on the copy only
+            model.register_to_config(**overrides)
+        vae = cls(model, image_size=opts.image_size, obs_var=opts.obs_var)
         vae._apply_options(opts)
         return vae
 
@@ -476,7 +486,8 @@ class DiffusersVAE(VAEAdapter):
         config = _override_stats(config, opts)
         model = build_model(config, {key_map[k]: t for k, t in tensors.items() if k in key_map},
                             where=str(folder))
-        vae = cls(model, image_size=opts.image_size, obs_var=opts.obs_var, where=str(folder))
+        vae = cls(model, image_size=_size_or_recorded(opts, meta), obs_var=opts.obs_var,
+                  where=str(folder))
         vae._remember_files(wf.files, key_map, pickled=wf.pickled)
         vae._config_bytes = config_bytes if config == json.loads(config_bytes) else (
             json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
@@ -508,7 +519,8 @@ class DiffusersVAE(VAEAdapter):
         config = _override_stats(config, opts)
         tensors, _ = _read_tensors([path], only=set(key_map))
         model = build_model(config, {key_map[k]: t for k, t in tensors.items()}, where=str(path))
-        vae = cls(model, image_size=opts.image_size, obs_var=opts.obs_var, where=str(path))
+        vae = cls(model, image_size=_size_or_recorded(opts, meta), obs_var=opts.obs_var,
+                  where=str(path))
         vae._remember_files([path], key_map)
         vae.config_source = source
         vae.metadata = meta
@@ -674,6 +686,8 @@ class DiffusersVAE(VAEAdapter):
         meta = dict(self.metadata)
         meta.update(metadata or {})
         meta[META_PREFIX + "format"] = self.source.format
+        # The size it was tuned (and is evaluated) at: a reload uses it unless told otherwise.
+        meta[META_PREFIX + "image_size"] = json.dumps(list(self.image_size))
         tensors = self.output_tensors()
         if self.source.format == FORMAT_SINGLE:
             # So a reload finds the same latent statistics without guessing from the file name.
@@ -757,6 +771,19 @@ def _read_tensors(files: list[Path], only: set[str] | None = None,
     return tensors, meta
 
 
+def _size_or_recorded(opts: LoadOptions, meta: Mapping[str, str]) -> Any:
+    """The ``image_size`` option, else the size an earlier selfconsist run recorded (None: the
+    config's default)."""
+    if opts.image_size is not None:
+        return opts.image_size
+    try:
+        size = json.loads(meta.get(META_PREFIX + "image_size", "null"))
+    except json.JSONDecodeError:
+        return None
+    ok = isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) for v in size)
+    return size if ok else None
+
+
 def _note(message: str) -> None:
     """One line on stderr (results go to stdout) for a guess the user may want to correct."""
     print(f"note: {message}", file=sys.stderr, flush=True)
@@ -818,12 +845,16 @@ def _single_file_config(path: Path, header: Mapping[str, Any], layout: str, pref
         if opts.scaling_factor is None:
             _note(f"{path.name}: not a VAE architecture selfconsist knows, so its latent scaling "
                   "factor is unknown; the diffusion prior uses diffusers' default 0.18215 "
-                  "(pass scaling_factor / shift_factor, or a config)")
+                  "(choose with --scaling-factor / --shift-factor or --config)")
         return cfg, "inferred from tensors"
     if how == "default" and opts.scaling_factor is None and any(
             k.name != known.name and k.latent_channels == known.latent_channels
             for k in ldm_keys.KNOWN_VAES):
         _note(f"{path.name}: the file name does not say which model this VAE belongs to; "
-              f"assuming {known.description} (pass model_type to choose another)")
+              f"assuming the latent statistics of {known.description} (choose with --model-type, "
+              "--scaling-factor or --config)")
+    elif how == "hint" and opts.scaling_factor is None:
+        _note(f"{path.name}: latent statistics of {known.description} guessed from the file name "
+              "(choose with --model-type, --scaling-factor or --config)")
     cfg.update(known.config)
     return cfg, f"inferred from tensors; statistics of {known.name} ({how})"

@@ -202,7 +202,7 @@ class KnownVAE:
 
     ``hints`` are looked for in the tokens of the checkpoint's file name when several known VAEs
     share one architecture (SD 1.x and SDXL; SD3 and FLUX.1): the scaling factor is not in the
-    tensors. A hint matches inside a token (``xl`` in ``sdxl``); ``=ae`` must be a whole token.
+    tensors. A hint matches a whole word of the name only (see :func:`_tokens`).
     """
 
     name: str
@@ -241,11 +241,25 @@ def known_vae(name: str) -> KnownVAE:
     raise KeyError(name)
 
 
-def _tokens(file_name: str) -> list[str]:
-    stem = file_name.lower()
+def _tokens(file_name: str) -> set[str]:
+    """The whole words of a file name, for hint matching.
+
+    Words are split at anything but letters, digits and dots, at camelCase humps, and at
+    letter→digit and digit→letter changes (``ponyDiffusionV6XL`` → pony, diffusion, v, 6, xl),
+    with each letters-then-digits run kept too (``flux1``, ``sd15``) and the whole stem. Hints
+    match whole words only, so ``ema`` is not found in ``cinematic`` nor ``ft`` in ``softedge``.
+    """
+    stem = file_name
     for suffix in (".safetensors",):
         stem = stem.removesuffix(suffix)
-    return [t for t in re.split(r"[^a-z0-9.]+", stem) if t] + [stem]
+    coarse = [t for t in re.split(r"[^A-Za-z0-9.]+", stem) if t]
+    toks = {stem.lower()} | {t.lower() for t in coarse}
+    for t in coarse:
+        humps = re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", t).lower().split()
+        for h in humps:
+            toks |= set(re.findall(r"[a-z]+|[0-9]+", h)) | set(re.findall(r"[a-z]+[0-9]+", h))
+            toks |= set(re.findall(r"[a-z]+[0-9]+(?:\.[0-9]+)?", h))
+    return toks
 
 
 def match_known(config: Mapping[str, Any], file_name: str = "") -> tuple[KnownVAE | None, str]:
@@ -262,7 +276,7 @@ def match_known(config: Mapping[str, Any], file_name: str = "") -> tuple[KnownVA
     toks = _tokens(file_name)
 
     def hit(h: str) -> bool:
-        return h[1:] in toks if h.startswith("=") else any(h in t for t in toks)
+        return h.lstrip("=") in toks
 
     # The longest matching hint wins, so "sdxl" beats the short hints of a plain SD VAE.
     scored = sorted(((max((len(h.lstrip("=")) for h in k.hints if hit(h)), default=0), k)

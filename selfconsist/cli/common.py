@@ -1,14 +1,18 @@
-"""Options and helpers shared by several commands."""
+"""Options and printing helpers shared by several commands (loading itself is
+:mod:`selfconsist.loading`; this layer only parses arguments and prints)."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from ..adapters import VAEAdapter
+from ..loading import LoadOptions
 
 AdapterOpt = typer.Option(
     None, "--adapter",
@@ -21,22 +25,50 @@ TrustOpt = typer.Option(
     "Only for files you trust.",
 )
 
+# The loading options of tune, eval and info: name → (type, typer option). One table, so the
+# three commands cannot drift apart.
+LOAD_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "image_size": (str | None, typer.Option(
+        None, "--image-size", help="Image size N or HxW for convolutional-latent models "
+        "(diffusers; default: recorded in a tuned file, else the config's, capped to 256).")),
+    "revision": (str | None, typer.Option(
+        None, "--revision", help="Hub branch, tag or commit, for a repo id.")),
+    "variant": (str | None, typer.Option(
+        None, "--variant", help="Weights variant of a diffusers folder, e.g. fp16.")),
+    "model_type": (str | None, typer.Option(
+        None, "--model-type", help="Latent statistics of a single file: sd, sdxl, sd3 or flux.")),
+    "scaling_factor": (float | None, typer.Option(
+        None, "--scaling-factor", help="Latent scaling factor (overrides config and guesses).")),
+    "shift_factor": (float | None, typer.Option(
+        None, "--shift-factor", help="Latent shift factor (overrides config and guesses).")),
+    "config": (Path | None, typer.Option(
+        None, "--config", help="A diffusers config.json for a single-file VAE.")),
+    "enable_tiling": (bool, typer.Option(
+        False, "--enable-tiling", help="Encode/decode large images in tiles (diffusers).")),
+    "gradient_checkpointing": (bool | None, typer.Option(
+        None, "--gradient-checkpointing/--no-gradient-checkpointing",
+        help="Recompute activations in the backward pass (default: on with CUDA, diffusers).")),
+}
 
-def load_model(model: str, adapter: str | None, trust_remote_code: bool = False,
-               **options: Any) -> VAEAdapter:
-    """Load a checkpoint path through the registry (hub ids are resolved by selfconsist.hub)."""
-    from .. import adapters, hub
 
-    path = Path(model)
-    from_hub = hub.is_repo_ref(model)
-    if from_hub:
-        path = hub.resolve_model(model, revision=options.get("revision"),
-                                 trust_remote_code=trust_remote_code)
-    opts = {k: v for k, v in options.items() if k != "revision"}
-    vae = adapters.load(path, adapter=adapter, trust_remote_code=trust_remote_code, **opts)
-    if from_hub:  # record repo id, commit and license for metadata and model cards
-        hub.attach_source(vae, path)
-    return vae
+def with_load_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Add the :data:`LOAD_OPTIONS` flags to a command whose ``load`` parameter then receives
+    them as one :class:`~selfconsist.loading.LoadOptions`."""
+    sig = inspect.signature(func, eval_str=True)
+    params = [p for name, p in sig.parameters.items() if name != "load"]
+    params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=ann)
+               for name, (ann, opt) in LOAD_OPTIONS.items()]
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        kwargs["load"] = LoadOptions(**{k: kwargs.pop(k) for k in LOAD_OPTIONS})
+        return func(*args, **kwargs)
+
+    # typer reads the signature and the annotations; both describe the flags, not ``load``.
+    wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    del wrapper.__wrapped__  # typing.get_type_hints would otherwise read the original's
+    return wrapper
 
 
 def echo_json(obj: Any) -> None:

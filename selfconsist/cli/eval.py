@@ -7,8 +7,9 @@ from pathlib import Path
 import typer
 
 from ..errors import SelfconsistError
+from ..loading import LoadOptions
 from . import app
-from .common import AdapterOpt, TrustOpt
+from .common import AdapterOpt, TrustOpt, with_load_options
 
 
 def parse_eps(text: str | None) -> tuple[float, ...] | None:
@@ -23,6 +24,7 @@ def parse_eps(text: str | None) -> tuple[float, ...] | None:
 
 
 @app.command("eval")
+@with_load_options
 def eval_command(
     model: str = typer.Argument(..., help="Checkpoint to evaluate: a file, a folder or a Hub id."),
     out: Path = typer.Option(..., "--out", "-o",
@@ -66,6 +68,7 @@ def eval_command(
     no_figures: bool = typer.Option(False, "--no-figures", help="Skip the PNG figures."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    load: LoadOptions | None = None,
 ) -> None:
     """Measure self-consistency, robustness and usefulness of MODEL (and --compare).
 
@@ -83,6 +86,7 @@ def eval_command(
     result = evaluate(model, compare, data=data, labels=labels, out=out, config=cfg, name=name,
                       compare_name=compare_name, overwrite=overwrite, progress=not quiet,
                       adapter=adapter, compare_adapter=compare_adapter,
-                      trust_remote_code=trust_remote_code)
+                      trust_remote_code=trust_remote_code,
+                      load_options=(load or LoadOptions()).adapter_options())
     typer.echo(render_table(result.metrics))
     typer.echo(str(out / "report.md"))

@@ -6,8 +6,9 @@ import json
 
 import typer
 
+from ..loading import LoadOptions, load_model
 from . import app
-from .common import AdapterOpt, TrustOpt, echo_json, load_model
+from .common import AdapterOpt, TrustOpt, echo_json, with_load_options
 
 
 def describe(vae) -> dict:
@@ -35,14 +36,16 @@ def describe(vae) -> dict:
 
 
 @app.command()
+@with_load_options
 def info(
     model: str = typer.Argument(..., help="Checkpoint: a .safetensors file, a model folder or a Hub repo id."),
     adapter: str | None = AdapterOpt,
     trust_remote_code: bool = TrustOpt,
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    load: LoadOptions | None = None,
 ) -> None:
     """Print the adapter, architecture, latent and data shapes, prior and parameter counts."""
-    vae = load_model(model, adapter, trust_remote_code)
+    vae = load_model(model, adapter, trust_remote_code, **(load or LoadOptions()).adapter_options())
     d = describe(vae)
     if as_json:
         echo_json(d)

@@ -1,4 +1,4 @@
-"""``selfconsist push OUTDIR --repo-id owner/name``: upload a tuned model with its card."""
+"""``selfconsist push REPO_ID OUTDIR`` (as ``hf upload``): upload a tuned model with its card."""
 
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ The repo receives, in one commit:
 * the model: a file under its own name, or a folder's contents at the
   repo root;
 * eval/metrics.json, eval/report.md and the figures;
-* README.md: YAML front matter (library_name, tags, base_model, license)
+* README.md: YAML front matter (library_name, tags, base_model, license,
+  model-index with the eval metrics)
   and a section between <!-- selfconsist:start --> and
   <!-- selfconsist:end --> with the eval table, the figures, the exact
   tune command and how to load the model.
@@ -35,15 +36,35 @@ An existing card (OUTDIR/README.md, else the repo's README.md) keeps all
 text outside those markers; front-matter keys are merged (the card's own
 values win, tags are united). The repo is created if needed (public
 unless --private). Authentication: HF_TOKEN or `hf auth login`; the token
-is never printed or written anywhere. --dry-run contacts nothing: it
-writes the folder that would be uploaded and prints its path.
+is never printed or written anywhere. --dry-run DIR contacts nothing: it
+writes the folder that would be uploaded to DIR and prints its path.
 """
+
+
+def split_targets(args: list[str], repo_id: str | None) -> tuple[Path, str]:
+    """(OUTDIR, repo id) from the positional arguments: ``REPO_ID OUTDIR`` as in ``hf upload``,
+    or ``OUTDIR`` with ``--repo-id``; ``OUTDIR REPO_ID`` is accepted when OUTDIR exists."""
+    from ..errors import SelfconsistError
+
+    if repo_id is not None:
+        if len(args) != 1:
+            raise SelfconsistError("with --repo-id, give exactly one OUTDIR")
+        return Path(args[0]), repo_id
+    if len(args) != 2:
+        raise SelfconsistError("give REPO_ID and OUTDIR (as `hf upload REPO_ID PATH`), or OUTDIR "
+                               "--repo-id REPO_ID")
+    first, second = args
+    if Path(first).exists() and not Path(second).exists():
+        return Path(first), second
+    return Path(second), first
 
 
 @app.command("push", help=HELP)
 def push(
-    outdir: Path = typer.Argument(..., help="Tuned model file, model folder, or OUTDIR (see above)."),
-    repo_id: str = typer.Option(..., "--repo-id", help="Target model repo, owner/name."),
+    targets: list[str] = typer.Argument(..., metavar="REPO_ID OUTDIR",
+                                        help="The target repo (owner/name), unless --repo-id is "
+                                        "given, and the tuned model file, model folder or OUTDIR."),
+    repo_id: str | None = typer.Option(None, "--repo-id", help="Target model repo, owner/name."),
     private: bool = typer.Option(False, "--private", help="Create the repo as private (if it is new)."),
     revision: str | None = typer.Option(
         None, "--revision", help="Branch to commit to (created if missing); with --create-pr, "
@@ -54,27 +75,31 @@ def push(
         None, "--base-model", help="Base model repo id for the card (default: from the checkpoint's record)."),
     license_: str | None = typer.Option(
         None, "--license", help="License id for the card (default: the base model's, where known)."),
-    message: str | None = typer.Option(None, "--message", "-m", help="Commit message."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Upload nothing; write the folder that would be uploaded."),
-    dry_run_dir: Path | None = typer.Option(
-        None, "--dry-run-dir", help="Where --dry-run writes that folder (default: a new temporary folder)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --dry-run-dir."),
+    message: str | None = typer.Option(None, "--commit-message", "--message", "-m",
+                                       help="Commit message."),
+    description: str | None = typer.Option(None, "--commit-description",
+                                           help="Commit (or pull request) description."),
+    token: str | None = typer.Option(
+        None, "--token", help="Hub token (default: HF_TOKEN or `hf auth login`); never printed."),
+    dry_run: Path | None = typer.Option(
+        None, "--dry-run", metavar="DIR", help="Upload nothing; write the folder that would be "
+        "uploaded to DIR."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --dry-run DIR."),
 ) -> None:
     from ..adapters.base import SourceInfo
-    from ..hub import check_repo_id
+    from ..hub import check_repo_id, parse_repo_ref
     from ..hub import push as run
 
-    if dry_run_dir is not None:
-        dry_run = True
+    option = "--repo-id" if repo_id is not None else "REPO_ID"
+    outdir, repo_id = split_targets(targets, repo_id)
     if base_model is not None:
-        from ..hub import parse_repo_ref
-
         base_model = parse_repo_ref(base_model).repo_id
-    check_repo_id(repo_id)
-    base = SourceInfo(repo_id=base_model, license=license_) if (base_model or license_) else None
+    check_repo_id(repo_id, option)
+    base = SourceInfo(repo_id=base_model) if base_model else None
     result = run(outdir, repo_id, eval_dir=eval_dir, private=private, revision=revision,
-                 create_pr=create_pr, dry_run=dry_run, dry_run_dir=dry_run_dir, overwrite=overwrite,
-                 base=base, commit_message=message)
+                 create_pr=create_pr, dry_run=dry_run is not None, dry_run_dir=dry_run,
+                 overwrite=overwrite, base=base, commit_message=message,
+                 commit_description=description, token=token, license=license_)
     if result.folder is not None:
         typer.echo(f"dry run: the {len(result.files)} files that would go to {repo_id}:", err=True)
     else:

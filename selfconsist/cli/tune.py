@@ -8,9 +8,10 @@ from pathlib import Path
 
 import typer
 
+from ..loading import LoadOptions, load_model
 from ..tune import TuneConfig
 from . import app
-from .common import AdapterOpt, TrustOpt, load_model
+from .common import AdapterOpt, TrustOpt, with_load_options
 
 D = TuneConfig()  # the CLI's defaults are the Python API's
 
@@ -31,6 +32,7 @@ def default_out(model: str) -> Path:
 
 
 @app.command()
+@with_load_options
 def tune(
     model: str | None = typer.Argument(
         None, help="Checkpoint (.safetensors, a diffusers/pythae folder, or a Hub repo id). "
@@ -63,9 +65,6 @@ def tune(
     latents: Path | None = typer.Option(None, "--latents",
                                         help="Sample z₀ from this file (.npy/.pt/.safetensors, N × latent shape) "
                                         "instead of the prior."),
-    image_size: int | None = typer.Option(None, "--image-size",
-                                          help="Image size for convolutional-latent models (diffusers)."),
-    revision: str | None = typer.Option(None, "--revision", help="Hub revision, for a repo id."),
     save_every: int = typer.Option(D.save_every, "--save-every", help="Write a resumable state every N steps."),
     eval_samples: int = typer.Option(D.eval_samples, "--eval-samples",
                                      help="Prior samples for the before/after table."),
@@ -76,6 +75,7 @@ def tune(
         None, "--push-to-hub", help="Then evaluate base vs tuned and push model, eval and card "
         "to this Hub repo (owner/name); see `selfconsist push --help`."),
     private: bool = typer.Option(False, "--private", help="With --push-to-hub: create the repo private."),
+    load: LoadOptions | None = None,
 ) -> None:
     """Fine-tune only the encoder on the model's own samples; the decoder stays byte-identical."""
     from ..io import META_PREFIX
@@ -104,9 +104,7 @@ def tune(
         from ..errors import SelfconsistError
 
         raise SelfconsistError(f"{out} exists; pass --overwrite to replace it")
-    options = {"revision": revision}
-    if image_size is not None:
-        options["image_size"] = image_size
+    options = (load or LoadOptions()).adapter_options()
     vae = load_model(model, adapter, trust_remote_code, **options)
     args = [a for a in sys.argv[1:] if a != "--debug"]
     command = "selfconsist tune " + shlex.join(args[1:] if args[:1] == ["tune"] else args)

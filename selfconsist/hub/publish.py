@@ -1,368 +1,26 @@
-"""Hugging Face Hub integration: pull a model by repo id, push a tuned model with its card.
+"""Publishing a tuned model: the bundle (model, eval run, card) and its upload.
 
-Pulling: ``owner/name[:subfolder]`` (``--revision`` picks a branch, tag or commit) is
-resolved through huggingface_hub's cache, so ``HF_HOME``, ``HF_HUB_CACHE``,
-``HF_HUB_OFFLINE`` and ``HF_TOKEN`` behave as everywhere else in the ecosystem. Only
-the files an adapter reads are fetched: ``*.json``, ``*.safetensors`` and pythae's
-``model.pt`` (a weights-only state dict), plus the root ``README.md`` for the license.
-Pickles (``*.bin``, ``*.ckpt``, ``*.pkl``, ``*.pth``) and code (``*.py``) are fetched
-only with ``trust_remote_code``.
-
-Pushing: see :func:`push` for what OUTDIR holds and what lands in the repo.
-
-Secrets: the token is only ever handed to huggingface_hub (which puts it in the
-``Authorization`` header). Every message we build passes through :func:`scrub`, so an
-error never echoes it.
+See :func:`push` for what OUTDIR holds and what lands in the repo.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import glob
 import json
-import os
-import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .adapters.base import SourceInfo
-from .errors import CheckpointError, SelfconsistError
+from .. import __version__
+from ..adapters.base import SourceInfo
+from ..errors import CheckpointError, SelfconsistError
+from .common import _hub_error, _network_error, scrub
+from .pull import FOLDER_MARKERS, check_repo_id, is_repo_ref, parse_repo_ref, read_front_matter, resolve
 
-__all__ = [
-    "Bundle",
-    "attach_source",
-    "check_repo_id",
-    "PushResult",
-    "RepoRef",
-    "find_bundle",
-    "parse_repo_ref",
-    "plan_upload",
-    "push",
-    "push_after_tune",
-    "push_bundle",
-    "resolve",
-    "resolve_model",
-    "scrub",
-    "source_info",
-]
-
-#: Files every adapter may need; none of them can run code when read as intended.
-SAFE_PATTERNS = ("*.json", "*.safetensors", "model.pt")
-#: Pickles and code: fetched only with ``trust_remote_code``.
-TRUSTED_PATTERNS = ("*.bin", "*.ckpt", "*.pkl", "*.pt", "*.pth", "*.py")
-#: File names that mark a folder model (diffusers, pythae).
-FOLDER_MARKERS = ("config.json", "model_config.json")
-
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-
-
-# ------------------------------------------------------------------------------------------
-# secrets
-# ------------------------------------------------------------------------------------------
-_TOKEN_LIKE = re.compile(r"hf_[A-Za-z0-9]{16,}")
-
-
-def _known_tokens() -> list[str]:
-    """Token values that may be in use (environment and huggingface_hub's stored login)."""
-    values = [os.environ.get(k) for k in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")]
-    try:
-        from huggingface_hub import get_token
-
-        values.append(get_token())
-    except Exception:  # noqa: BLE001 - a broken login must not break error reporting
-        pass
-    return [v for v in values if v and len(v) >= 8]
-
-
-def scrub(text: str) -> str:
-    """``text`` with every known token value and anything shaped like an HF token masked."""
-    for tok in _known_tokens():
-        text = text.replace(tok, "***")
-    return _TOKEN_LIKE.sub("hf_***", text)
-
-
-def _network_error() -> type[Exception]:
-    """The base class of connection failures (refused, reset, timed out) under huggingface_hub's
-    HTTP client; they must end as one line, like any other Hub failure."""
-    import httpx2
-
-    return httpx2.TransportError
-
-
-def _hub_error(action: str, err: BaseException) -> SelfconsistError:
-    """A one-line, token-free SelfconsistError for a huggingface_hub failure."""
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
-
-    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    if isinstance(err, GatedRepoError):
-        hint = "the repo is gated: accept its terms on the Hub and set HF_TOKEN"
-    elif isinstance(err, RepositoryNotFoundError):
-        hint = "no such repo, or it is private: check the id and set HF_TOKEN (or run `hf auth login`)"
-    elif isinstance(err, RevisionNotFoundError):
-        hint = "no such revision: check --revision"
-    elif isinstance(err, HfHubHTTPError) and err.response is not None and \
-            err.response.status_code in (401, 403):
-        hint = "not allowed: set HF_TOKEN to a token with write access (or run `hf auth login`)"
-    else:
-        hint = first
-    return SelfconsistError(scrub(f"{action}: {hint}"))
-
-
-# ------------------------------------------------------------------------------------------
-# pulling
-# ------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RepoRef:
-    """``owner/name[:subfolder]``: a model repo and where in it the model lives."""
-
-    repo_id: str
-    subfolder: str = ""
-
-    def __str__(self) -> str:
-        return f"{self.repo_id}:{self.subfolder}" if self.subfolder else self.repo_id
-
-
-def check_repo_id(repo_id: str, option: str = "--repo-id") -> str:
-    """``repo_id`` if it reads as owner/name, else a one-line error (before any slow work)."""
-    if not _REPO_ID.match(repo_id) or ".." in repo_id:
-        raise SelfconsistError(f"{option} {repo_id!r}: expected a Hub repo id owner/name")
-    return repo_id
-
-
-def is_repo_ref(model: str) -> bool:
-    """True when ``model`` reads as ``owner/name[:subfolder]`` and is not a local path."""
-    if Path(model).exists() or model.startswith((".", "/", "~")):
-        return False
-    repo_id = model.split(":", 1)[0]
-    return bool(_REPO_ID.match(repo_id))
-
-
-def parse_repo_ref(model: str) -> RepoRef:
-    """Split ``owner/name[:subfolder]``; the subfolder may also name one file (``:vae.safetensors``)."""
-    repo_id, _, sub = model.partition(":")
-    if not _REPO_ID.match(repo_id) or ".." in repo_id:
-        raise SelfconsistError(
-            f"{model!r} is neither an existing path nor a Hub repo id of the form owner/name[:subfolder]"
-        )
-    sub = sub.strip("/")
-    if any(part in ("", "..") for part in sub.split("/")) and sub:
-        raise SelfconsistError(f"{model!r}: bad subfolder {sub!r}")
-    return RepoRef(repo_id, sub)
-
-
-@dataclass
-class Resolved:
-    """A Hub model resolved to local files in the huggingface_hub cache."""
-
-    path: Path  # the folder or file to hand to the adapter registry
-    repo_id: str
-    subfolder: str
-    revision: str | None  # what was asked for (branch, tag or commit); None = main
-    commit: str | None  # the commit the cached snapshot belongs to
-    license: str | None
-    card: dict[str, Any] = field(default_factory=dict)  # the repo README's front matter
-
-    def source(self) -> SourceInfo:
-        extra: dict[str, Any] = {"subfolder": self.subfolder} if self.subfolder else {}
-        if self.revision and self.revision != self.commit:
-            extra["requested_revision"] = self.revision
-        for key in ("license_name", "license_link"):
-            if key in self.card:
-                extra[key] = self.card[key]
-        return SourceInfo(path=self.path, repo_id=self.repo_id, revision=self.commit or self.revision,
-                          license=self.license, extra=extra)
-
-
-# path → what it was resolved from, so load_model can fill in vae.source afterwards.
-_RESOLVED: dict[str, Resolved] = {}
-
-
-def _patterns(trust_remote_code: bool) -> tuple[str, ...]:
-    return SAFE_PATTERNS + (TRUSTED_PATTERNS if trust_remote_code else ())
-
-
-def select_files(files: Iterable[str], subfolder: str, trust_remote_code: bool = False) -> list[str]:
-    """The repo files an adapter needs for the model in ``subfolder`` (``""``: the root).
-
-    Only files directly in that folder (no deeper), matching the safe patterns (plus
-    pickles and code with ``trust_remote_code``). A precision/EMA variant
-    ``name.fp16.safetensors`` is skipped when ``name.safetensors`` is there too: adapters
-    load the plain file, so the variant would be a wasted download. A subfolder that
-    names a file selects just that file.
-    """
-    files = list(files)
-    pats = _patterns(trust_remote_code)
-    if subfolder and subfolder in files:  # one named file: the same trust rule applies
-        name = PurePosixPath(subfolder).name
-        return [subfolder] if any(fnmatch.fnmatchcase(name, p) for p in pats) else []
-    prefix = f"{subfolder}/" if subfolder else ""
-    chosen = [f for f in files if f.startswith(prefix) and "/" not in f[len(prefix):]
-              and any(fnmatch.fnmatchcase(f[len(prefix):], p) for p in pats)]
-    names = set(chosen)
-
-    def is_variant(f: str) -> bool:
-        p = PurePosixPath(f)
-        stem = p.name[: -len(p.suffix)] if p.suffix else p.name
-        base, dot, _ = stem.rpartition(".")
-        return bool(dot) and str(p.with_name(base + p.suffix)) in names
-
-    return [f for f in chosen if not is_variant(f)]
-
-
-def default_subfolder(files: Iterable[str]) -> str:
-    """For a diffusion *pipeline* repo (``model_index.json`` at the root and no model
-    there), the autoencoder lives in ``vae/``: use it rather than fetch the whole pipeline."""
-    files = set(files)
-    if "model_index.json" in files and not any(m in files for m in FOLDER_MARKERS) \
-            and "vae/config.json" in files:
-        return "vae"
-    return ""
-
-
-def _model_path(folder: Path, ref: RepoRef, shown: str) -> Path:
-    """The file or folder the adapter loads, inside a resolved snapshot."""
-    path = folder / ref.subfolder if ref.subfolder else folder
-    if not path.exists():
-        raise CheckpointError(f"{shown}: {ref.subfolder!r} is not in the repo (or not in the cached "
-                              "snapshot); check the part after ':'")
-    if path.is_file():
-        return path
-    if any((path / m).is_file() for m in FOLDER_MARKERS):
-        return path
-    weights = sorted(path.glob("*.safetensors"))
-    if len(weights) == 1:  # a single-file model (e.g. a selfconsist built-in checkpoint)
-        return weights[0]
-    present = sorted(p.name for p in path.iterdir())[:8]
-    what = "several .safetensors files" if weights else f"files {present}"
-    raise CheckpointError(f"{shown}: no single model found in the repo ({what}); name it as "
-                          "owner/name:subfolder or owner/name:file.safetensors")
-
-
-def read_front_matter(readme: Path) -> dict[str, Any]:
-    """The YAML front matter of a model card (empty when absent or unreadable)."""
-    from .modelcard import split_front_matter
-
-    try:
-        front, _, _ = split_front_matter(readme.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError):
-        return {}
-    return front
-
-
-def _list_remote(ref: RepoRef, revision: str | None, token: str | None) -> list[str] | None:
-    """The repo's file list, or None when offline / the Hub is unreachable (use the cache)."""
-    from huggingface_hub import HfApi, constants
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
-
-    if constants.is_offline_mode():
-        return None
-    api = HfApi(token=token, library_name="selfconsist", library_version=__version__)
-    try:
-        return api.list_repo_files(ref.repo_id, revision=revision)
-    except (OfflineModeIsEnabled, _network_error()):
-        return None
-    except HfHubHTTPError as e:
-        if e.response is not None and e.response.status_code >= 500:
-            return None  # Hub down: the cache may still have it
-        raise _hub_error(f"cannot read {ref.repo_id} from the Hub", e) from None
-
-
-def resolve(model: str, *, revision: str | None = None, trust_remote_code: bool = False,
-            token: str | None = None) -> Resolved:
-    """Resolve ``owner/name[:subfolder]`` to local files through huggingface_hub's cache.
-
-    Online: list the repo, download only :func:`select_files` (plus ``README.md``).
-    Offline (``HF_HUB_OFFLINE=1``, or the Hub unreachable): use the cached snapshot for
-    ``revision``, or fail with one line saying how to get it.
-    """
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-    from huggingface_hub.utils import logging as hf_logging
-
-    # huggingface_hub logs each failed request as a warning; our error is the one line users see.
-    hf_logging.set_verbosity_error()
-    ref = parse_repo_ref(model)
-    files = _list_remote(ref, revision, token)
-    if files is not None:
-        if not ref.subfolder and (sub := default_subfolder(files)):
-            print(f"{ref.repo_id} is a pipeline; using its autoencoder in {sub}/ "
-                  f"(name another part as {ref.repo_id}:SUBFOLDER)", file=sys.stderr)
-            ref = RepoRef(ref.repo_id, sub)
-        wanted = select_files(files, ref.subfolder, trust_remote_code)
-        if not wanted:
-            extra = "" if trust_remote_code else " (pickled weights need --trust-remote-code)"
-            if ref.subfolder in files:
-                raise CheckpointError(f"{ref}: selfconsist does not read {ref.subfolder}{extra}")
-            where = f"{ref.subfolder}/" if ref.subfolder else "the repo root"
-            raise CheckpointError(f"{ref}: no model files in {where}{extra}")
-        # Exact names (escaped): the Hub's own patterns let '*' cross folders.
-        allow = [glob.escape(f) for f in wanted] + (["README.md"] if "README.md" in files else [])
-    else:
-        allow = []  # offline: only locate the cached snapshot; _model_path checks what is there
-    try:
-        # Once we know we are offline, say so: a custom HTTP client may not enforce it.
-        folder = Path(snapshot_download(ref.repo_id, revision=revision, allow_patterns=allow,
-                                        local_files_only=files is None, token=token,
-                                        library_name="selfconsist", library_version=__version__))
-    except LocalEntryNotFoundError:
-        why = ("HF_HUB_OFFLINE is set" if constants.is_offline_mode()
-               else "the Hub cannot be reached")
-        rev = f" at revision {revision!r}" if revision else ""
-        raise CheckpointError(
-            f"{ref.repo_id}{rev} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) "
-            f"and {why}; download it once online (unset HF_HUB_OFFLINE) or pass a local path"
-        ) from None
-    except (HfHubHTTPError, _network_error()) as e:
-        raise _hub_error(f"cannot download {ref.repo_id}", e) from None
-    if files is None and not ref.subfolder:  # offline: the same pipeline rule, on the cached files
-        cached = [p.relative_to(folder).as_posix() for p in folder.glob("*")] + \
-                 [p.relative_to(folder).as_posix() for p in folder.glob("*/*")]
-        if sub := default_subfolder(cached):
-            print(f"{ref.repo_id} is a pipeline; using its autoencoder in {sub}/", file=sys.stderr)
-            ref = RepoRef(ref.repo_id, sub)
-    path = _model_path(folder, ref, str(ref))
-    front = read_front_matter(folder / "README.md") if (folder / "README.md").is_file() else {}
-    lic = front.get("license")
-    res = Resolved(path=path, repo_id=ref.repo_id, subfolder=ref.subfolder, revision=revision,
-                   commit=folder.name if re.fullmatch(r"[0-9a-f]{40}", folder.name) else None,
-                   license=str(lic) if lic else None, card=front)
-    _RESOLVED[str(path)] = res
-    return res
-
-
-def resolve_model(model: str, *, revision: str | None = None, trust_remote_code: bool = False,
-                  token: str | None = None) -> Path:
-    """Local path of a Hub model (``owner/name[:subfolder]``), downloading what is missing."""
-    return resolve(model, revision=revision, trust_remote_code=trust_remote_code, token=token).path
-
-
-def source_info(path: str | Path) -> SourceInfo | None:
-    """Where a path returned by :func:`resolve_model` came from (None for other paths)."""
-    res = _RESOLVED.get(str(path))
-    return res.source() if res is not None else None
-
-
-def attach_source(vae: Any, path: str | Path) -> None:
-    """Fill ``vae.source`` with the Hub origin of ``path`` (keeps what the adapter set)."""
-    info = source_info(path)
-    src = getattr(vae, "source", None)
-    if info is None or src is None:
-        return
-    src.repo_id, src.revision, src.license = info.repo_id, info.revision, info.license
-    src.extra = {**info.extra, **(src.extra or {})}
-    if src.path is None:
-        src.path = info.path
-
-
-# ------------------------------------------------------------------------------------------
-# what gets pushed
-# ------------------------------------------------------------------------------------------
 EVAL_FILES = ("*.json", "*.md", "*.png", "*.svg", "*.csv")
 _SKIP = ("*.state.pt", ".*")  # resumable states and hidden files never leave the machine
 
@@ -470,7 +128,7 @@ def eval_files(bundle: Bundle) -> dict[str, Path]:
 def read_model_metadata(model: Path) -> dict[str, str]:
     """``selfconsist.*`` metadata of a tuned model: the safetensors header of a file, or of
     the weight files in a folder (merged), plus a ``selfconsist.json`` there if any."""
-    from .io import META_PREFIX, read_safetensors_header
+    from ..io import META_PREFIX, read_safetensors_header
 
     files = [model] if model.is_file() else sorted(model.glob("*.safetensors"))
     meta: dict[str, str] = {}
@@ -534,7 +192,8 @@ def _base_from_meta(meta: Mapping[str, str]) -> SourceInfo:
 
 # Boolean flags of `selfconsist tune` (they take no value).
 _TUNE_FLAGS = {"--trust-remote-code", "--sample-noise", "--resume", "--overwrite", "--quiet", "-q",
-               "--private", "--create-pr", "--debug"}
+               "--private", "--create-pr", "--debug", "--enable-tiling", "--gradient-checkpointing",
+               "--no-gradient-checkpointing"}
 
 
 def _cached_license(repo_id: str, revision: str | None) -> str | None:
@@ -562,13 +221,15 @@ class PushResult:
 
 
 def plan_upload(bundle: Bundle, repo_id: str, *, existing_card: str | None = None,
-                base: SourceInfo | None = None, command: str | None = None) -> dict[str, Path | bytes]:
+                base: SourceInfo | None = None, command: str | None = None,
+                license: str | None = None) -> dict[str, Path | bytes]:
     """Repo path → content (a local file or bytes) for everything a push sends.
 
     ``base`` overrides the base model's origin read from the checkpoint's metadata;
-    ``command`` overrides the recorded ``selfconsist tune`` command line.
+    ``command`` overrides the recorded ``selfconsist tune`` command line; ``license`` is the
+    uploader's choice (the card then does not call it the base model's).
     """
-    from . import modelcard
+    from .. import modelcard
 
     check_repo_id(repo_id)
     meta = read_model_metadata(bundle.model)
@@ -594,8 +255,10 @@ def plan_upload(bundle: Bundle, repo_id: str, *, existing_card: str | None = Non
         model_kind=modelcard.model_kind(bundle.model, meta),
         base_model=base.repo_id,
         base_revision=base.revision,
-        license=base.license,
-        license_extra={k: v for k, v in base.extra.items() if k in ("license_name", "license_link")},
+        license=license or base.license,
+        license_given=license is not None,
+        license_extra={} if license else {k: v for k, v in base.extra.items()
+                                          if k in ("license_name", "license_link")},
         eval_metrics=metrics,
         figures=sorted(k for k in evals if k.endswith((".png", ".svg"))),
         checkpoint_metrics=_json_field(meta, "metrics"),
@@ -641,7 +304,8 @@ def _existing_remote_card(api: Any, repo_id: str, revision: str | None, token: s
 def push_bundle(bundle: Bundle, repo_id: str, *, private: bool = False, revision: str | None = None,
                 create_pr: bool = False, dry_run: bool = False, dry_run_dir: str | Path | None = None,
                 overwrite: bool = False, base: SourceInfo | None = None, command: str | None = None,
-                commit_message: str | None = None, token: str | None = None) -> PushResult:
+                commit_message: str | None = None, commit_description: str | None = None,
+                token: str | None = None, license: str | None = None) -> PushResult:
     """Upload a :class:`Bundle` to ``repo_id`` (creating the repo, and the branch for
     ``revision``, if needed) in one commit; or, with ``dry_run``, only write the folder
     that would be uploaded and contact nothing."""
@@ -649,12 +313,13 @@ def push_bundle(bundle: Bundle, repo_id: str, *, private: bool = False, revision
 
     existing = bundle.card.read_text(encoding="utf-8") if bundle.card is not None else None
     if dry_run:
-        files = plan_upload(bundle, repo_id, existing_card=existing, base=base, command=command)
+        files = plan_upload(bundle, repo_id, existing_card=existing, base=base, command=command,
+                            license=license)
         if dry_run_dir is None:
             folder = Path(tempfile.mkdtemp(prefix="selfconsist-push-"))
             write_plan(files, folder)
         else:
-            from .io import atomic_output
+            from ..io import atomic_output
 
             folder = Path(dry_run_dir)
             with atomic_output(folder, overwrite=overwrite) as tmp:
@@ -663,7 +328,8 @@ def push_bundle(bundle: Bundle, repo_id: str, *, private: bool = False, revision
 
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    plan_upload(bundle, repo_id, existing_card=existing, base=base, command=command)  # fail early
+    plan_upload(bundle, repo_id, existing_card=existing, base=base, command=command,
+                license=license)  # fail early
     api = HfApi(token=token, library_name="selfconsist", library_version=__version__)
     try:
         api.create_repo(repo_id, private=True if private else None, exist_ok=True, repo_type="model")
@@ -671,13 +337,14 @@ def push_bundle(bundle: Bundle, repo_id: str, *, private: bool = False, revision
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         if existing is None:
             existing = _existing_remote_card(api, repo_id, revision, token)
-        files = plan_upload(bundle, repo_id, existing_card=existing, base=base, command=command)
+        files = plan_upload(bundle, repo_id, existing_card=existing, base=base, command=command,
+                            license=license)
         ops = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=src if isinstance(src, bytes)
                                   else str(src)) for rel, src in files.items()]
         info = api.create_commit(
             repo_id, ops, revision=revision, create_pr=create_pr,
             commit_message=commit_message or "selfconsist: upload self-consistent tuned model",
-            commit_description=f"Uploaded with selfconsist {__version__}.")
+            commit_description=commit_description or f"Uploaded with selfconsist {__version__}.")
     except (HfHubHTTPError, _network_error()) as e:
         raise _hub_error(f"cannot push to {repo_id}", e) from None
     return PushResult(repo_id=repo_id, files=sorted(files), commit_url=str(info.commit_url),
@@ -740,8 +407,8 @@ def _run_eval(base_model_arg: str, tuned_path: Path, out: Path, *, data: str | N
     """Evaluate base vs tuned into ``out`` with :func:`selfconsist.evaluate.evaluate`
     (``options`` are :class:`~selfconsist.evaluate.EvalConfig` fields); None when it wrote
     no metrics.json (the card then shows the checkpoint's before/after numbers)."""
-    from .cli.common import load_model
-    from .evaluate import EvalConfig, evaluate
+    from ..evaluate import EvalConfig, evaluate
+    from ..loading import load_model
 
     # Load the base ourselves so --revision applies (it is in the cache: tune just read it).
     opts = dict(load_options or {})
