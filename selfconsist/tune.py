@@ -19,6 +19,7 @@ at exactly the weights of an uninterrupted run.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from torch import Tensor
 from . import __version__
 from . import objective as obj
 from .adapters.base import VAEAdapter, randn
+from .budget import MeasurementPlan, plan_measurement
 from .errors import NonFiniteLossError, SelfconsistError
 from .io import (
     META_PREFIX,
@@ -70,7 +72,7 @@ class TuneConfig:
     prior: str | None = None  # None: the adapter's default prior
     latents: str | None = None  # sample z₀ from this file instead of the prior
     save_every: int = 500
-    eval_samples: int = 1024  # samples for the before/after figures
+    eval_samples: int | None = None  # before/after round-trip samples; None: sized to the run
 
     def __post_init__(self) -> None:
         if not 0.0 < self.rho < 1.0:
@@ -78,7 +80,7 @@ class TuneConfig:
         if self.lambda_rec < 0:
             raise SelfconsistError("--lambda-rec must be ≥ 0")
         for name in ("steps", "batch_size", "save_every", "eval_samples"):
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise SelfconsistError(f"--{name.replace('_', '-')} must be positive")
         if self.lr <= 0:
             raise SelfconsistError("--lr must be positive")
@@ -170,10 +172,18 @@ def posthoc_terms(vae: VAEAdapter, z0: Tensor, cfg: TuneConfig, obs_var: float,
             "coupling": obj.coupling_term(mh, lvh, mh2, lvh2, cfg.rho)}
 
 
-def _responsive(vae: VAEAdapter, cfg: TuneConfig) -> Tensor:
+def _responsive(vae: VAEAdapter, cfg: TuneConfig, plan: MeasurementPlan) -> Tensor:
     """Decoder-responsive latent elements: a fixed reference for the before/after table (the
-    decoder does not change). Spatial latents above 512 elements are probed per channel."""
-    return responsive_elements(vae, torch.Generator().manual_seed(cfg.seed + 2), max_elements=512)
+    decoder does not change). Probed per element or per channel as ``plan`` says."""
+    d = math.prod(vae.latent_shape)
+    return responsive_elements(vae, torch.Generator().manual_seed(cfg.seed + 2),
+                               n=plan.probe_samples,
+                               max_elements=d if plan.probe_mode == "element" else 0)
+
+
+def measurement_plan(vae: VAEAdapter, cfg: TuneConfig) -> MeasurementPlan:
+    """The before/after measurement sized to this run (see :mod:`selfconsist.budget`)."""
+    return plan_measurement(cfg.steps, cfg.batch_size, tuple(vae.latent_shape), cfg.eval_samples)
 
 
 def _input_sha(vae: VAEAdapter) -> str | None:
@@ -207,6 +217,7 @@ def tune(vae: VAEAdapter, cfg: TuneConfig | None = None, out: str | Path | None 
     input_sha = _input_sha(vae)
     latents = load_latents(cfg.latents, vae.latent_shape) if cfg.latents else None
     decoder_before = [p.detach().to("cpu", copy=True) for p in vae.decoder_parameters()]
+    plan = measurement_plan(vae, cfg)
 
     params = [p for p in vae.encoder_parameters() if p.requires_grad]
     if not params:
@@ -227,8 +238,10 @@ def tune(vae: VAEAdapter, cfg: TuneConfig | None = None, out: str | Path | None 
         start, before = int(state["step"]), state["before"]
         responsive = state["responsive"]
     else:
-        responsive = _responsive(vae, cfg)
-        before = roundtrip_summary(vae, n=cfg.eval_samples, seed=cfg.seed + 1, rho=cfg.rho,
+        if progress:  # the measurement can take a while on a big model: say what it is doing
+            print(f"tune: measuring before ({plan.describe()})", file=sys.stderr, flush=True)
+        responsive = _responsive(vae, cfg, plan)
+        before = roundtrip_summary(vae, n=plan.roundtrip_samples, seed=cfg.seed + 1, rho=cfg.rho,
                                    responsive=responsive)
 
     def save_state(step: int) -> None:
@@ -270,7 +283,9 @@ def tune(vae: VAEAdapter, cfg: TuneConfig | None = None, out: str | Path | None 
                                       "kl": terms["kl"].mean().item(),
                                       "C": terms["coupling"].mean().item(), "cons/elem": running})
 
-    after = roundtrip_summary(vae, n=cfg.eval_samples, seed=cfg.seed + 1, rho=cfg.rho,
+    if progress:
+        print("tune: measuring after", file=sys.stderr, flush=True)
+    after = roundtrip_summary(vae, n=plan.roundtrip_samples, seed=cfg.seed + 1, rho=cfg.rho,
                               responsive=responsive)
     for p, p0 in zip(vae.decoder_parameters(), decoder_before, strict=True):
         if not torch.equal(p.detach().cpu(), p0):  # a guard on our promise, not expected to fire

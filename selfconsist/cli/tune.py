@@ -67,8 +67,9 @@ def tune(
                                           help="Image size for convolutional-latent models (diffusers)."),
     revision: str | None = typer.Option(None, "--revision", help="Hub revision, for a repo id."),
     save_every: int = typer.Option(D.save_every, "--save-every", help="Write a resumable state every N steps."),
-    eval_samples: int = typer.Option(D.eval_samples, "--eval-samples",
-                                     help="Prior samples for the before/after table."),
+    eval_samples: int | None = typer.Option(D.eval_samples, "--eval-samples",
+                                            help="Prior samples for the before/after table "
+                                            "(default: sized so the measurement costs ≤10% of the run)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from OUT.state.pt."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
