@@ -66,7 +66,7 @@ class TuneConfig:
     warmup_steps: int = 0
     seed: int = 0
     device: str = "auto"
-    precision: str = "fp32"  # or bf16 (autocast, CUDA only)
+    precision: str = "fp32"  # or bf16 (autocast; CUDA or a CPU with bf16 units)
     obs_var: float | None = None  # None: the model's own observation variance
     sample_noise: bool = False  # add N(0, v) observation noise to decoded samples
     prior: str | None = None  # None: the adapter's default prior
