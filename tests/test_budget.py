@@ -49,3 +49,26 @@ def test_tune_measures_as_planned(digits_model, capsys) -> None:
     fresh = roundtrip_summary(selfconsist.load(digits_model), n=plan.roundtrip_samples, seed=1,
                               rho=TuneConfig().rho)
     assert res.before["sample_roundtrip_mse"] == fresh["sample_roundtrip_mse"]
+
+
+def test_eval_fast_preset_and_probe_sizing() -> None:
+    from selfconsist.evaluate import EvalConfig, fast_config, probe_max_elements
+
+    fast = fast_config(EvalConfig(pgd_steps=7))
+    assert (fast.samples, fast.pgd_steps, fast.responsive_samples, fast.bootstrap) == (256, 7, 16, 50)
+    cfg = EvalConfig()
+    assert probe_max_elements(cfg, 256) == cfg.max_responsive_elements  # 64·257 ≤ 2·1000·11
+    # 64 × (d + 1) over budget: probe per channel (max_elements below d)
+    assert probe_max_elements(EvalConfig(samples=100), 256) < 256
+
+
+def test_eval_cli_fast(tmp_path, digits_model) -> None:
+    import json
+
+    from .conftest import run_cli
+
+    r = run_cli("eval", str(digits_model), "--out", str(tmp_path / "ev"), "--fast", "--no-figures",
+                "--device", "cpu", "-q")
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert "sample_roundtrip_mse" in json.dumps(m) and '"samples": 256' in json.dumps(m)
