@@ -23,7 +23,7 @@ from dataclasses import dataclass
 TUNE_STEP_UNITS = 10
 ROUNDTRIP_UNITS = 2  # decode + encode per round-trip sample
 FIXED_SHARE = 0.10  # fixed costs at most this share of the run's step cost …
-FLOOR_UNITS = 256  # … but never below this, so a 2-step run still gets a (coarse) measurement
+FLOOR_UNITS = 128  # … but never below this, so a 2-step run still gets a (coarse) measurement
 MIN_ROUNDTRIP = 16
 MIN_PROBE = 8
 MAX_PROBE = 64  # the probe's default sample count when the budget allows
