@@ -61,6 +61,21 @@ def autocast(device: torch.device, precision: str):
     raise SelfconsistError(f"unknown precision {precision!r}; use fp32 or bf16")
 
 
+def cpu_fast_path(device: torch.device, precision: str) -> bool:
+    """The fast CPU path is bf16 autocast on CPU: fused Adam and channels_last go with it (fp32
+    runs stay bit-for-bit as they were)."""
+    return device.type == "cpu" and precision == "bf16"
+
+
+def set_channels_last(modules: list[torch.nn.Module], on: bool) -> None:
+    """channels_last weights for modules that hold 2-D convolutions (oneDNN's fast layout on
+    CPU); ``on=False`` restores the contiguous layout that saving expects."""
+    fmt = torch.channels_last if on else torch.contiguous_format
+    for m in modules:
+        if any(isinstance(c, torch.nn.Conv2d) for c in m.modules()):
+            m.to(memory_format=fmt)
+
+
 def check_finite(step: int, loss: torch.Tensor) -> None:
     """Raise :class:`NonFiniteLossError` when the loss is NaN or Inf (before any update)."""
     value = float(loss.detach())

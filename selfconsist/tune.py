@@ -43,7 +43,7 @@ from .io import (
     state_path_for,
 )
 from .metrics import responsive_elements, roundtrip_summary
-from .runtime import Progress, autocast, check_finite, nonfinite_stop, resolve_device
+from .runtime import Progress, autocast, check_finite, cpu_fast_path, nonfinite_stop, resolve_device, set_channels_last
 
 SCHEDULES = ("constant", "cosine", "linear")
 
@@ -222,7 +222,8 @@ def tune(vae: VAEAdapter, cfg: TuneConfig | None = None, out: str | Path | None 
     params = [p for p in vae.encoder_parameters() if p.requires_grad]
     if not params:
         raise SelfconsistError("the adapter exposes no trainable encoder parameters")
-    opt = torch.optim.Adam(params, lr=cfg.lr)
+    fast = cpu_fast_path(device, cfg.precision)
+    opt = torch.optim.Adam(params, lr=cfg.lr, fused=True if fast else None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     gen = torch.Generator().manual_seed(cfg.seed)
     start = 0
@@ -252,6 +253,8 @@ def tune(vae: VAEAdapter, cfg: TuneConfig | None = None, out: str | Path | None 
                                "encoder": vae.encoder_state(), "optimizer": opt.state_dict(),
                                "scheduler": sched.state_dict(), "rng": rng_state(gen)}, state_file)
 
+    modules = vae.encoder_modules() + vae.decoder_modules()
+    set_channels_last(modules, fast)
     running = None
     with Progress(cfg.steps, "tune", enabled=progress, start=start) as bar:
         for step in range(start, cfg.steps):
@@ -283,6 +286,7 @@ def tune(vae: VAEAdapter, cfg: TuneConfig | None = None, out: str | Path | None 
                                       "kl": terms["kl"].mean().item(),
                                       "C": terms["coupling"].mean().item(), "cons/elem": running})
 
+    set_channels_last(modules, False)
     if progress:
         print("tune: measuring after", file=sys.stderr, flush=True)
     after = roundtrip_summary(vae, n=plan.roundtrip_samples, seed=cfg.seed + 1, rho=cfg.rho,
