@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| run | " + " | ".join(FIGURES) + " | tune wall time (s) |")
     print("|---" * (len(FIGURES) + 2) + "|")
     for (prec, seed), (after, secs) in results.items():
-        cells = [f"{after[f]['value']:.4f} ± {after[f]['stderr']:.4f}" for f in FIGURES]
+        cells = [f"{after[f]['value']:.5g} ± {after[f]['stderr']:.2g}" for f in FIGURES]
         print(f"| {prec} seed {seed} | " + " | ".join(cells) + f" | {secs:.1f} |")
 
 
