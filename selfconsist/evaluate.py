@@ -39,7 +39,7 @@ import platform
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +168,27 @@ class EvalConfig:
             raise SelfconsistError("the model's data range is unbounded, so ε has no default; "
                                    "pass --eps in the model's data units")
         return (round(0.1 * span, 6), round(0.2 * span, 6))
+
+
+# ``eval --fast``: fewer samples, PGD steps and bootstrap resamples, for a quick check (the
+# standard errors grow by about √4); the metric set and names stay the same.
+FAST_PRESET = {"samples": 256, "pgd_steps": 5, "responsive_samples": 16, "bootstrap": 50}
+
+
+def fast_config(cfg: EvalConfig) -> EvalConfig:
+    """``cfg`` with the fast preset applied to every field still at its default value."""
+    default = EvalConfig()
+    changes = {k: v for k, v in FAST_PRESET.items() if getattr(cfg, k) == getattr(default, k)}
+    return replace(cfg, **changes)
+
+
+def probe_max_elements(cfg: EvalConfig, d: int) -> int:
+    """Largest latent probed per element: per element only while its cost n_p·(d + 1) decodes
+    stays within that of the prior round trip and drift stages, 2·samples·(1 + K); above it a
+    spatial latent is probed per channel."""
+    if cfg.responsive_samples * (d + 1) <= 2 * cfg.samples * (1 + cfg.drift_k):
+        return cfg.max_responsive_elements
+    return min(cfg.max_responsive_elements, d - 1)
 
 
 @dataclass
@@ -348,7 +369,8 @@ def _evaluate_model(vae: VAEAdapter, cfg: EvalConfig, split: _Split | None, stag
     with stages.stage(f"{label}: decoder responses"):
         resp = M.decoder_responses(vae, _gen(s, "responsive"), n=cfg.responsive_samples,
                                    delta=cfg.responsive_delta, batch_size=bs,
-                                   max_elements=cfg.max_responsive_elements)
+                                   max_elements=probe_max_elements(
+                                       cfg, math.prod(vae.latent_shape)))
         mask = resp.mask(cfg.responsive_share)
         out["responsive_elements"] = M.bootstrap(
             lambda rows: float(resp.mask(cfg.responsive_share, rows).sum()),

@@ -19,6 +19,7 @@ at exactly the weights of an uninterrupted run.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from torch import Tensor
 from . import __version__
 from . import objective as obj
 from .adapters.base import VAEAdapter, randn
+from .budget import MeasurementPlan, plan_measurement
 from .errors import NonFiniteLossError, SelfconsistError
 from .io import (
     META_PREFIX,
@@ -43,7 +45,15 @@ from .io import (
     state_path_for,
 )
 from .metrics import responsive_elements, roundtrip_summary
-from .runtime import Progress, autocast, check_finite, nonfinite_stop, resolve_device
+from .runtime import (
+    Progress,
+    autocast,
+    check_finite,
+    cpu_fast_path,
+    nonfinite_stop,
+    resolve_device,
+    set_channels_last,
+)
 from .validate import require_finite
 
 SCHEDULES = ("constant", "cosine", "linear")
@@ -67,13 +77,13 @@ class TuneConfig:
     warmup_steps: int = 0
     seed: int = 0
     device: str = "auto"
-    precision: str = "fp32"  # or bf16 (autocast, CUDA only)
+    precision: str = "fp32"  # or bf16 (autocast; CUDA or a CPU with bf16 units)
     obs_var: float | None = None  # None: the model's own observation variance
     sample_noise: bool = False  # add N(0, v) observation noise to decoded samples
     prior: str | None = None  # None: the adapter's default prior
     latents: str | None = None  # sample z₀ from this file instead of the prior
     save_every: int = 500
-    eval_samples: int = 1024  # samples for the before/after figures
+    eval_samples: int | None = None  # before/after round-trip samples; None: sized to the run
 
     def __post_init__(self) -> None:
         require_finite(self)
@@ -82,7 +92,7 @@ class TuneConfig:
         if self.lambda_rec < 0:
             raise SelfconsistError("--lambda-rec must be ≥ 0")
         for name in ("steps", "batch_size", "save_every", "eval_samples"):
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise SelfconsistError(f"--{name.replace('_', '-')} must be positive")
         if self.lr <= 0:
             raise SelfconsistError("--lr must be positive")
@@ -177,10 +187,18 @@ def posthoc_terms(vae: VAEAdapter, z0: Tensor, cfg: TuneConfig, obs_var: float,
             "coupling": obj.coupling_term(mh, lvh, mh2, lvh2, cfg.rho)}
 
 
-def _responsive(vae: VAEAdapter, cfg: TuneConfig) -> Tensor:
+def _responsive(vae: VAEAdapter, cfg: TuneConfig, plan: MeasurementPlan) -> Tensor:
     """Decoder-responsive latent elements: a fixed reference for the before/after table (the
-    decoder does not change). Spatial latents above 512 elements are probed per channel."""
-    return responsive_elements(vae, torch.Generator().manual_seed(cfg.seed + 2), max_elements=512)
+    decoder does not change). Probed per element or per channel as ``plan`` says."""
+    d = math.prod(vae.latent_shape)
+    return responsive_elements(vae, torch.Generator().manual_seed(cfg.seed + 2),
+                               n=plan.probe_samples,
+                               max_elements=d if plan.probe_mode == "element" else 0)
+
+
+def measurement_plan(vae: VAEAdapter, cfg: TuneConfig) -> MeasurementPlan:
+    """The before/after measurement sized to this run (see :mod:`selfconsist.budget`)."""
+    return plan_measurement(cfg.steps, cfg.batch_size, tuple(vae.latent_shape), cfg.eval_samples)
 
 
 def _input_sha(vae: VAEAdapter) -> str | None:
@@ -223,11 +241,13 @@ def tune(vae: VAEAdapter | Any, cfg: TuneConfig | None = None, out: str | Path |
     input_sha = _input_sha(vae)
     latents = load_latents(cfg.latents, vae.latent_shape) if cfg.latents else None
     decoder_before = [p.detach().to("cpu", copy=True) for p in vae.decoder_parameters()]
+    plan = measurement_plan(vae, cfg)
 
     params = [p for p in vae.encoder_parameters() if p.requires_grad]
     if not params:
         raise SelfconsistError("the adapter exposes no trainable encoder parameters")
-    opt = torch.optim.Adam(params, lr=cfg.lr)
+    fast = cpu_fast_path(device, cfg.precision)
+    opt = torch.optim.Adam(params, lr=cfg.lr, fused=True if fast else None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     gen = torch.Generator().manual_seed(cfg.seed)
     start = 0
@@ -243,8 +263,10 @@ def tune(vae: VAEAdapter | Any, cfg: TuneConfig | None = None, out: str | Path |
         start, before = int(state["step"]), state["before"]
         responsive = state["responsive"]
     else:
-        responsive = _responsive(vae, cfg)
-        before = roundtrip_summary(vae, n=cfg.eval_samples, seed=cfg.seed + 1, rho=cfg.rho,
+        if progress:  # the measurement can take a while on a big model: say what it is doing
+            print(f"tune: measuring before ({plan.describe()})", file=sys.stderr, flush=True)
+        responsive = _responsive(vae, cfg, plan)
+        before = roundtrip_summary(vae, n=plan.roundtrip_samples, seed=cfg.seed + 1, rho=cfg.rho,
                                    responsive=responsive)
 
     def save_state(step: int) -> None:
@@ -255,6 +277,8 @@ def tune(vae: VAEAdapter | Any, cfg: TuneConfig | None = None, out: str | Path |
                                "encoder": vae.encoder_state(), "optimizer": opt.state_dict(),
                                "scheduler": sched.state_dict(), "rng": rng_state(gen)}, state_file)
 
+    modules = vae.encoder_modules() + vae.decoder_modules()
+    set_channels_last(modules, fast)
     running = None
     with Progress(cfg.steps, "tune", enabled=progress, start=start) as bar:
         for step in range(start, cfg.steps):
@@ -286,7 +310,10 @@ def tune(vae: VAEAdapter | Any, cfg: TuneConfig | None = None, out: str | Path |
                                       "kl": terms["kl"].mean().item(),
                                       "C": terms["coupling"].mean().item(), "cons/elem": running})
 
-    after = roundtrip_summary(vae, n=cfg.eval_samples, seed=cfg.seed + 1, rho=cfg.rho,
+    set_channels_last(modules, False)
+    if progress:
+        print("tune: measuring after", file=sys.stderr, flush=True)
+    after = roundtrip_summary(vae, n=plan.roundtrip_samples, seed=cfg.seed + 1, rho=cfg.rho,
                               responsive=responsive)
     for p, p0 in zip(vae.decoder_parameters(), decoder_before, strict=True):
         if not torch.equal(p.detach().cpu(), p0):  # a guard on our promise, not expected to fire

@@ -180,9 +180,16 @@ def test_lr_schedules():
     assert lr_factor(50, lin) == pytest.approx(0.5)
     with pytest.raises(SelfconsistError):
         TuneConfig(schedule="wiggly")
-    with pytest.raises(SelfconsistError, match="bf16"):
-        selfconsist.tune(BuiltinVAE(selfconsist.models.ModelConfig(latent_dim=2, hidden=8)),
-                         TuneConfig(steps=1, device="cpu", precision="bf16"), progress=False)
+    from selfconsist import runtime
+
+    orig = runtime.cpu_has_bf16
+    try:  # a CPU without bf16 units refuses bf16 with one clear error
+        runtime.cpu_has_bf16 = lambda: False
+        with pytest.raises(SelfconsistError, match="bf16 units"):
+            selfconsist.tune(BuiltinVAE(selfconsist.models.ModelConfig(latent_dim=2, hidden=8)),
+                             TuneConfig(steps=1, device="cpu", precision="bf16"), progress=False)
+    finally:
+        runtime.cpu_has_bf16 = orig
 
 
 def test_bundled_example_default(tmp_path):

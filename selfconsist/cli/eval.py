@@ -68,13 +68,15 @@ def eval_command(
     no_figures: bool = typer.Option(False, "--no-figures", help="Skip the PNG figures."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    fast: bool = typer.Option(False, "--fast", help="Quick check: 256 samples, 5 PGD steps, "
+                              "16 probe samples, 50 bootstrap resamples (where left at the defaults)."),
     load: LoadOptions | None = None,
 ) -> None:
     """Measure self-consistency, robustness and usefulness of MODEL (and --compare).
 
     Prints the table on stdout and writes OUT/metrics.json, OUT/report.md and figures.
     """
-    from ..evaluate import EvalConfig, evaluate, render_table
+    from ..evaluate import EvalConfig, evaluate, fast_config, render_table
 
     if labels is not None and data is None:
         raise SelfconsistError("--labels needs --data")
@@ -83,6 +85,8 @@ def eval_command(
                      probe_train_fraction=probe_train_fraction, n_test=n_test,
                      batch_size=batch_size, device=device, prior=prior,
                      figures=not no_figures)
+    if fast:
+        cfg = fast_config(cfg)
     result = evaluate(model, compare, data=data, labels=labels, out=out, config=cfg, name=name,
                       compare_name=compare_name, overwrite=overwrite, progress=not quiet,
                       adapter=adapter, compare_adapter=compare_adapter,

@@ -55,7 +55,7 @@ def tune(
     warmup_steps: int = typer.Option(D.warmup_steps, "--warmup-steps", help="Linear learning-rate warmup steps."),
     seed: int = typer.Option(D.seed, "--seed", help="Seed for prior samples and noise."),
     device: str = typer.Option(D.device, "--device", help="cpu, cuda or auto."),
-    precision: str = typer.Option(D.precision, "--precision", help="fp32, or bf16 autocast (CUDA only)."),
+    precision: str = typer.Option(D.precision, "--precision", help="fp32, or bf16 autocast (CUDA or bf16 CPUs)."),
     obs_var: float | None = typer.Option(None, "--obs-var",
                                          help="Observation variance v of the likelihood (default: the model's)."),
     sample_noise: bool = typer.Option(False, "--sample-noise",
@@ -66,8 +66,9 @@ def tune(
                                         help="Sample z₀ from this file (.npy/.pt/.safetensors, N × latent shape) "
                                         "instead of the prior."),
     save_every: int = typer.Option(D.save_every, "--save-every", help="Write a resumable state every N steps."),
-    eval_samples: int = typer.Option(D.eval_samples, "--eval-samples",
-                                     help="Prior samples for the before/after table."),
+    eval_samples: int | None = typer.Option(D.eval_samples, "--eval-samples",
+                                            help="Prior samples for the before/after table "
+                                            "(default: sized so the measurement costs ≤10% of the run)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from OUT.state.pt."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),

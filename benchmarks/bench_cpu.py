@@ -1,0 +1,192 @@
+"""CPU step speed of ``tune``: time, achieved GFLOP/s and share of the measured gemm peak.
+
+Also a minimal hand-written loop with the same passes (the overhead floor), and the ``train``
+step of the MLP at batch 64 with three Adam variants.
+For the ColorMNIST MLP VAE (3×28×28, 4×200, 64 latents; batch 128) and a conv VAE (built-in
+conv, 3×64×64, channels 64/128/128; batch 8), times the tune step (``posthoc_terms`` + backward
++ Adam, as ``selfconsist tune`` runs it) under
+
+* ``fp32``: eager fp32, Adam as ``tune`` builds it;
+* ``fast``: bf16 autocast (CPUs with bf16 units only), fused Adam, channels_last for the conv.
+
+FLOPs per step come from ``torch.utils.flop_counter`` (matmuls and convs); the peak is the best
+single-thread 1024² sgemm (and bf16 gemm) rate, measured in the same process so the ratio is
+robust to the machine's load.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_cpu.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def gemm_peak(dtype: torch.dtype, n: int = 1024, reps: int = 10) -> float:
+    """Best GFLOP/s of an n×n×n matmul over ``reps`` tries (2n³ FLOPs each)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def make_step(vae, batch: int, precision: str, fused: bool):
+    from selfconsist import objective as obj
+    from selfconsist.runtime import autocast
+    from selfconsist.tune import TuneConfig, posthoc_terms
+
+    cfg = TuneConfig(batch_size=batch, device="cpu", precision=precision)
+    vae.freeze_decoder()
+    vae.set_encoder_mode(False)
+    params = [p for p in vae.encoder_parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=1e-5, fused=fused or None)
+    gen = torch.Generator().manual_seed(0)
+    ctx = torch.device("cpu")
+
+    def step() -> None:
+        z0 = vae.sample_prior(batch, gen)
+        with autocast(ctx, precision):
+            terms = posthoc_terms(vae, z0, cfg, vae.obs_var, gen)
+        loss = -obj.avae_objective(terms["log_lik"], terms["kl"], terms["coupling"],
+                                   cfg.lambda_rec).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def make_train_step(adam: dict):
+    """The ``selfconsist train`` step of the ColorMNIST MLP VAE at batch 64 (plain VAE term)."""
+    from selfconsist import objective as obj
+    from selfconsist.models import ModelConfig
+    from selfconsist.train import avae_step_terms, new_model
+
+    vae = new_model(ModelConfig(data_shape=(3, 28, 28), latent_dim=64, hidden=200), seed=0)
+    params = list(vae.encoder_parameters()) + list(vae.decoder_parameters())
+    opt = torch.optim.Adam(params, lr=1e-3, **adam)
+    gen = torch.Generator().manual_seed(0)
+    x_all = torch.rand(1000, 3, 28, 28, generator=gen)
+
+    def step() -> None:
+        idx = torch.randint(1000, (64,), generator=gen)
+        t = avae_step_terms(vae, x_all[idx], gen, None)
+        loss = -obj.avae_objective(t["log_lik"], t["kl"], torch.zeros(()), 1.0).mean()
+        loss.item()  # train's per-step NaN check
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def make_minimal_step(vae, batch: int):
+    """The overhead floor: the same networks and passes as the tune step, in the fewest ops
+    (standard-normal prior, no whitening or adapter layers): decode z₀, encode, decode the
+    reparameterised sample, re-encode the stopped reconstruction, a Gaussian-KL loss, Adam."""
+    enc, dec = vae.encoder, vae.decoder
+    for p in dec.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.Adam(enc.parameters(), lr=1e-5)
+    d = vae.latent_shape[0]
+
+    def step() -> None:
+        z0 = torch.randn(batch, d)
+        with torch.no_grad():
+            x = dec(z0)
+        mu, lv = enc(x)
+        z = mu + torch.exp(0.5 * lv) * torch.randn_like(mu)
+        xr = dec(z)
+        mu2, lv2 = enc(xr.detach())
+        kl = 0.5 * (mu.pow(2) + lv.exp() - 1 - lv).sum(1)
+        coup = 0.5 * ((mu2 - mu).pow(2) + (lv2 - lv).pow(2)).sum(1)
+        loss = ((xr - x).pow(2).flatten(1).sum(1) + kl + coup).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def time_step(step, reps: int) -> float:
+    for _ in range(3):
+        step()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        step()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--reps", type=int, default=20)
+    args = p.parse_args(argv)
+    from selfconsist.adapters.builtin import BuiltinVAE
+    from selfconsist.models import ModelConfig
+    from selfconsist.runtime import cpu_has_bf16
+
+    torch.manual_seed(0)
+    peak32 = gemm_peak(torch.float32)
+    peak16 = gemm_peak(torch.bfloat16) if cpu_has_bf16() else None
+    models = {
+        "mlp": (ModelConfig(data_shape=(3, 28, 28), latent_dim=64, hidden=200), 128),
+        "conv": (ModelConfig(arch="conv", data_shape=(3, 64, 64), latent_dim=64,
+                             channels=(64, 128, 128)), 8),
+    }
+    rows = []
+    for name, (mcfg, batch) in models.items():
+        for path in ("fp32", "fast"):
+            precision = "bf16" if path == "fast" and peak16 else "fp32"
+            vae = BuiltinVAE(mcfg)
+            if path == "fast" and mcfg.arch == "conv":
+                vae.encoder.to(memory_format=torch.channels_last)
+                vae.decoder.to(memory_format=torch.channels_last)
+            step = make_step(vae, batch, precision, fused=path == "fast")
+            with FlopCounterMode(display=False) as fc:
+                step()
+            flops = fc.get_total_flops()
+            secs = time_step(step, args.reps)
+            gflops = flops / secs / 1e9
+            rows.append({"model": name, "path": path, "precision": precision, "batch": batch,
+                         "ms_per_step": round(1e3 * secs, 2), "gflops": round(gflops, 1),
+                         "of_fp32_gemm_peak": round(gflops / peak32, 3),
+                         "gemm_peak_fp32": round(peak32, 1),
+                         "gemm_peak_bf16": round(peak16, 1) if peak16 else None,
+                         "threads": torch.get_num_threads()})
+            print(json.dumps(rows[-1]), flush=True)
+    step = make_minimal_step(BuiltinVAE(models["mlp"][0]), 128)
+    with FlopCounterMode(display=False) as fc:
+        step()
+    flops = fc.get_total_flops()
+    secs = time_step(step, args.reps)
+    rows.append({"model": "mlp", "path": "tune floor: minimal hand-written loop, fp32", "batch": 128,
+                 "ms_per_step": round(1e3 * secs, 2), "gflops": round(flops / secs / 1e9, 1),
+                 "of_fp32_gemm_peak": round(flops / secs / 1e9 / peak32, 3)})
+    print(json.dumps(rows[-1]), flush=True)
+    for name, adam in (("train fp32, Adam as train builds it", {}),
+                       ("train fp32, foreach Adam", {"foreach": True}),
+                       ("train fp32, fused Adam", {"fused": True})):
+        step = make_train_step(adam)
+        with FlopCounterMode(display=False) as fc:
+            step()
+        flops = fc.get_total_flops()
+        secs = time_step(step, args.reps)
+        rows.append({"model": "mlp", "path": name, "batch": 64, "ms_per_step": round(1e3 * secs, 2),
+                     "gflops": round(flops / secs / 1e9, 1),
+                     "of_fp32_gemm_peak": round(flops / secs / 1e9 / peak32, 3)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
