@@ -264,9 +264,9 @@ CASES = [
     (["eval", "{trunc.safetensors}", "-o", "{outdir}/ev"], 2, "truncated"),
     (["eval", "{good}", "-o", "{outdir}/ev", "--data", "{data_obj.npy}"], 2, "data_obj.npy"),
     # push (offline: everything here must fail before any network use)
-    (["push", "{outdir}/nothing", "--repo-id", "me/x", "--dry-run"], 2, "nothing"),
-    (["push", "{good}", "--repo-id", "not a repo id", "--dry-run"], 2, "repo"),
-    (["push", "{push_not_model}", "--repo-id", "me/x", "--dry-run"], 2, "push_not_model"),
+    (["push", "{outdir}/nothing", "--repo-id", "me/x", "--dry-run", "{outdir}/dry"], 2, "nothing"),
+    (["push", "{good}", "--repo-id", "not a repo id", "--dry-run", "{outdir}/dry"], 2, "repo"),
+    (["push", "{push_not_model}", "--repo-id", "me/x", "--dry-run", "{outdir}/dry"], 2, "push_not_model"),
 ]
 
 
