@@ -29,3 +29,18 @@ def latent_shift_per_image(mu_base: Tensor, mu_tuned: Tensor, std: Tensor) -> Te
     shape = (1, -1) + (1,) * (mu_base.dim() - 2)
     d = (mu_tuned.float() - mu_base.float()).abs() / std.view(shape)
     return d.flatten(1).mean(1)
+
+
+#: Mean latent shift (in base-latent standard deviations) above which a diffusion model trained
+#: on the base latents is likely to notice. See the README's latent-diffusion section for the
+#: evidence; ``examples/ldm/`` holds the script that computes it.
+SHIFT_WARN = 0.1
+
+
+def shift_warning(shift: float) -> str | None:
+    """One plain line when a mean latent shift is large enough to matter, else None."""
+    if shift <= SHIFT_WARN:
+        return None
+    return (f"the encoder's latents of real images moved by {shift:.3f} of their standard "
+            f"deviation (> {SHIFT_WARN}): a diffusion model trained on the base latents may no "
+            f"longer read them correctly")
