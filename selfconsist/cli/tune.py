@@ -19,6 +19,16 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "digits_mlp_vae.saf
 EXAMPLE_STEPS = 500  # keeps the offline demo well under a minute on a laptop CPU
 
 
+def _family(key: str) -> str:
+    """Help text naming the families whose defaults differ from the generic one."""
+    from ..adapters import available_adapters, get_adapter_class
+
+    classes = [get_adapter_class(name) for name in available_adapters()]
+    notes = [f"{cls.name} models: {cls.tune_defaults[key]}" for cls in classes
+             if key in getattr(cls, "tune_defaults", {})]
+    return f"; {', '.join(notes)}" if notes else ""
+
+
 def default_out(model: str) -> Path:
     """``model.safetensors`` → ``model.selfconsist.safetensors``; a folder ``m`` → ``m-selfconsist``.
 
@@ -41,16 +51,18 @@ def tune(
                                     help="Where to write the tuned model (default: MODEL.selfconsist.EXT here)."),
     adapter: str | None = AdapterOpt,
     trust_remote_code: bool = TrustOpt,
-    rho: float = typer.Option(D.rho, "--rho", help="Coupling strength ρ in (0, 1)."),
-    lambda_rec: float = typer.Option(D.lambda_rec, "--lambda-rec",
-                                     help="Weight of log p(x|z) on model samples: 1 is the AVAE bound, "
-                                     "0 is cheaper; the default 5 (a sharper likelihood for noise-free "
-                                     "model samples) keeps round trips and robustness, see README."),
+    rho: float | None = typer.Option(None, "--rho", help="Coupling strength ρ in (0, 1) "
+                                     f"(default {D.rho}{_family('rho')})."),
+    lambda_rec: float | None = typer.Option(
+        None, "--lambda-rec", help="Weight of log p(x|z) on model samples: 1 is the AVAE bound, 0 is "
+        f"cheaper (default {D.lambda_rec}{_family('lambda_rec')}: a sharper likelihood for "
+        "noise-free model samples keeps round trips and robustness, see README)."),
     steps: int | None = typer.Option(None, "--steps",
-                                     help=f"Optimiser steps (default {D.steps}; {EXAMPLE_STEPS} for the "
-                                     "bundled example)."),
-    batch_size: int = typer.Option(D.batch_size, "--batch-size", help="Prior samples per step."),
-    lr: float = typer.Option(D.lr, "--lr", help="Adam learning rate."),
+                                     help=f"Optimiser steps (default {D.steps}{_family('steps')}; "
+                                     f"{EXAMPLE_STEPS} for the bundled example)."),
+    batch_size: int | None = typer.Option(None, "--batch-size",
+                                          help=f"Samples per step (default {D.batch_size}{_family('batch_size')})."),
+    lr: float | None = typer.Option(None, "--lr", help=f"Adam learning rate (default {D.lr}{_family('lr')})."),
     schedule: str = typer.Option(D.schedule, "--schedule", help="constant, cosine or linear (after warmup)."),
     warmup_steps: int = typer.Option(D.warmup_steps, "--warmup-steps", help="Linear learning-rate warmup steps."),
     seed: int = typer.Option(D.seed, "--seed", help="Seed for prior samples and noise."),
@@ -65,6 +77,18 @@ def tune(
     latents: Path | None = typer.Option(None, "--latents",
                                         help="Sample z₀ from this file (.npy/.pt/.safetensors, N × latent shape) "
                                         "instead of the prior."),
+    images: Path | None = typer.Option(
+        None, "--images", help="Draw z₀ from the base encoder's posteriors of this folder of "
+        "images (PNG/JPEG, any size; your own generations will do), encoded once. With --anchor "
+        "the anchor is taken on these images."),
+    fit: str = typer.Option(D.fit, "--fit", help="How --images of another size fit the model: crop "
+                            "(shorter side resized, centre crop) or tile."),
+    prior_refine: int | None = typer.Option(
+        None, "--prior-refine", help="Refine each prior draw by z ← μ_base(g(z)) this many times "
+        f"(data-free; default {D.prior_refine}{_family('prior_refine')})."),
+    anchor: float | None = typer.Option(
+        None, "--anchor", help="Weight of KL(q_tuned(z|x) ‖ q_base(z|x)), which keeps the latents "
+        f"where they were (default {D.anchor}{_family('anchor')}; see README)."),
     save_every: int = typer.Option(D.save_every, "--save-every", help="Write a resumable state every N steps."),
     eval_samples: int | None = typer.Option(D.eval_samples, "--eval-samples",
                                             help="Prior samples for the before/after table "
@@ -96,22 +120,25 @@ def tune(
         from ..hub import check_repo_id
 
         check_repo_id(push_to_hub, "--push-to-hub")
-    cfg = TuneConfig(rho=rho, lambda_rec=lambda_rec, steps=steps, batch_size=batch_size, lr=lr,
-                     schedule=schedule, warmup_steps=warmup_steps, seed=seed, device=device,
-                     precision=precision, obs_var=obs_var, sample_noise=sample_noise, prior=prior,
-                     latents=str(latents) if latents else None, save_every=save_every,
-                     eval_samples=eval_samples)
+    settings = dict(rho=rho, lambda_rec=lambda_rec, steps=steps, batch_size=batch_size, lr=lr,
+                    schedule=schedule, warmup_steps=warmup_steps, seed=seed, device=device,
+                    precision=precision, obs_var=obs_var, sample_noise=sample_noise, prior=prior,
+                    latents=str(latents) if latents else None, images=str(images) if images else None,
+                    fit=fit, prior_refine=prior_refine, anchor=anchor, save_every=save_every,
+                    eval_samples=eval_samples)
+    TuneConfig.for_model(None, **settings)  # a bad option fails now, before loading anything big
     if out.exists() and not overwrite:  # fail before loading anything big
         from ..errors import SelfconsistError
 
         raise SelfconsistError(f"{out} exists; pass --overwrite to replace it")
     options = (load or LoadOptions()).adapter_options()
     vae = load_model(model, adapter, trust_remote_code, **options)
+    cfg = TuneConfig.for_model(vae, **settings)  # the model family's defaults, then the options
     args = [a for a in sys.argv[1:] if a != "--debug"]
     command = "selfconsist tune " + shlex.join(args[1:] if args[:1] == ["tune"] else args)
     result = run(vae, cfg, out, resume=resume, overwrite=overwrite, progress=not quiet,
                  metadata={META_PREFIX + "command": command})
-    _print_table(result.before, result.after)
+    _print_table(result.before, result.after, result.latent_shift)
     typer.echo(str(out))
     if push_to_hub is not None:
         from ..hub import push_after_tune
@@ -123,11 +150,16 @@ def tune(
         typer.echo(pushed.pr_url or pushed.commit_url or f"https://huggingface.co/{push_to_hub}")
 
 
-def _print_table(before: dict, after: dict) -> None:
+def _print_table(before: dict, after: dict, shift: dict | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="self-consistency, before → after (data-free, prior samples)")
+    caption = None
+    if shift is not None:
+        caption = (f"latent shift on {shift['on']}: {shift['value']:.3f} ± {shift['stderr']:.2g} "
+                   "base-latent std (measure real images with `selfconsist eval --data`)")
+    table = Table(title="self-consistency, before → after (data-free, prior samples)",
+                  caption=caption)
     table.add_column("metric")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
