@@ -37,10 +37,11 @@ def latent_shift_per_image(mu_base: Tensor, mu_tuned: Tensor, std: Tensor) -> Te
 SHIFT_WARN = 0.1
 
 
-def shift_warning(shift: float) -> str | None:
-    """One plain line when a mean latent shift is large enough to matter, else None."""
+def shift_warning(shift: float, on: str = "real images") -> str | None:
+    """One plain line when a mean latent shift (measured ``on`` these inputs) is large enough
+    to matter, else None."""
     if shift <= SHIFT_WARN:
         return None
-    return (f"the encoder's latents of real images moved by {shift:.3f} of their standard "
+    return (f"the encoder's latents of {on} moved by {shift:.3f} of their standard "
             f"deviation (> {SHIFT_WARN}): a diffusion model trained on the base latents may no "
             f"longer read them correctly")

@@ -476,7 +476,7 @@ def tune(vae: VAEAdapter | Any, cfg: TuneConfig | None = None, out: str | Path |
     mu_tuned = _encode_all(vae, _shift_inputs(vae, images, cfg, SHIFT_SAMPLES))[0]
     shift = _latent_shift(mu_base, mu_tuned)
     shift["on"] = "images" if images is not None else "decoded prior samples"
-    warning = shift_warning(shift["value"])
+    warning = shift_warning(shift["value"], shift["on"])
     if warning:
         logging.getLogger("selfconsist").warning(warning)
     for p, p0 in zip(vae.decoder_parameters(), decoder_before, strict=True):

@@ -35,6 +35,8 @@ SETTINGS: dict[str, dict] = {
     "refine 2, ρ .999": {"prior_refine": 2, "rho": 0.999, "lambda_rec": 5.0, "lr": 1e-4},
     "refine 2, ρ .999, v .01": {"prior_refine": 2, "rho": 0.999, "lambda_rec": 5.0, "lr": 1e-4,
                                 "obs_var": 0.01},
+    "refine 2, ρ .999, v .001": {"prior_refine": 2, "rho": 0.999, "lambda_rec": 5.0, "lr": 1e-4,
+                                 "obs_var": 0.001},
     "refine 2, ρ .999, anchor 1e-3": {"prior_refine": 2, "rho": 0.999, "lambda_rec": 5.0,
                                       "lr": 1e-4, "anchor": 1e-3},
     "refine 2, ρ .999, λ_rec 0": {"prior_refine": 2, "rho": 0.999, "lambda_rec": 0.0, "lr": 1e-4},
@@ -51,7 +53,8 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name).strip("_")
 
 
-def tune_one(name: str, root: Path, precision: str) -> None:
+def tune_one(name: str, root: Path, precision: str, testbed: Path = TESTBED,
+             steps: int | None = None) -> None:
     import selfconsist
     from selfconsist.tune import TuneConfig, tune
 
@@ -59,11 +62,12 @@ def tune_one(name: str, root: Path, precision: str) -> None:
     if out.exists():
         print(f"skip {name}: {out} exists", file=sys.stderr)
         return
-    vae = selfconsist.load(str(TESTBED))
-    cfg = TuneConfig(**{**COMMON, **SETTINGS[name], "precision": precision})
+    vae = selfconsist.load(str(testbed))
+    common = {**COMMON, **({"steps": steps} if steps else {})}
+    cfg = TuneConfig(**{**common, **SETTINGS[name], "precision": precision})
     t0 = time.time()
     result = tune(vae, cfg, out, progress=False)
-    rec = {"name": name, "settings": SETTINGS[name], "common": COMMON, "precision": precision,
+    rec = {"name": name, "settings": SETTINGS[name], "common": common, "precision": precision,
            "seconds": round(time.time() - t0, 1), "before": result.before, "after": result.after,
            "latent_shift_tune": result.latent_shift}
     (root / f"{slug(name)}.json").write_text(json.dumps(rec, indent=1))
@@ -78,6 +82,8 @@ def main() -> None:
     ap.add_argument("--precision", default="bf16")
     ap.add_argument("--heldout", default="runs/ldm/heldout")
     ap.add_argument("--out", default=None, help="markdown table to write (table phase)")
+    ap.add_argument("--testbed", default=str(TESTBED))
+    ap.add_argument("--steps", type=int, default=None, help="override the steps (smoke tests)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     root = Path(args.root)
@@ -85,7 +91,7 @@ def main() -> None:
     names = args.only.split(";") if args.only else list(SETTINGS)
     if args.phase == "tune":
         for name in names:
-            tune_one(name, root, args.precision)
+            tune_one(name, root, args.precision, Path(args.testbed), args.steps)
     else:
         from table import write_table
 
