@@ -195,8 +195,9 @@ def cycles_figure(Figure: Any, artifacts: dict[str, dict[str, Any]], metrics: di
     colours = ["#4c72b0", "#dd8452", "#55a868", "#c44e52"]
     for i, n in enumerate(names):
         ks, v, se = zip(*_cycle_ks(metrics, n), strict=True)
-        ax.errorbar(ks, v, yerr=se, marker="o", capsize=3, color=colours[i % len(colours)],
-                    label=n)
+        dodge = 0.06 * (i - (len(names) - 1) / 2)  # side by side, so equal error bars both show
+        ax.errorbar([k + dodge for k in ks], v, yerr=se, marker="o", capsize=3,
+                    color=colours[i % len(colours)], label=n)
     ax.set_xlabel("encode → decode cycles K", fontsize=8)
     ax.set_ylabel("PSNR(x_K, x₀) dB", fontsize=8)
     ax.set_xticks(sorted({k for n in names for k, _, _ in _cycle_ks(metrics, n)}))
