@@ -353,3 +353,32 @@ def test_cli_eval_refuses_an_unreadable_image(digits_model, tmp_path):
     r = run_cli("eval", str(digits_model), "--data", "digits", "--cycles", "0,2",
                 "--out", str(tmp_path / "e"))
     assert r.returncode == 2 and "--cycles" in r.stderr
+
+
+def test_model_card_carries_the_real_image_figures():
+    from selfconsist.modelcard import CardInfo, real_image_section, render_section
+
+    def est(v: float) -> dict:
+        return {"value": v, "stderr": 0.1}
+
+    common = {"sample_roundtrip_mse": est(0.01)}
+    real = {"image_psnr": est(30.5), "image_ssim": est(0.91), "cycle_psnr@1": est(30.5),
+            "cycle_psnr@10": est(17.8), "cycle_db_lost": est(12.7)}
+    metrics = {"models": {"model": {**common, **real},
+                          "tuned": {**common, **real, "image_psnr": est(25.3),
+                                    "latent_shift": est(0.44), "latent_decode_psnr": est(31.0)}},
+               "warnings": ["tuned: the encoder's latents moved"]}
+    card = render_section(CardInfo(repo_id="me/vae", eval_metrics=metrics,
+                                   figures=["eval/cycles.png", "eval/drift.png"]))
+    assert "### Real images" in card and "| | model | tuned |" in card
+    assert "| single-pass PSNR (dB), per-image mean | 30.5 ± 0.1 | 25.3 ± 0.1 |" in card
+    assert "after 10 encode → decode cycles" in card and "| 17.8 ± 0.1 |" in card
+    assert "| dB lost from cycle 1 to cycle 10 | 12.7 ± 0.1 | 12.7 ± 0.1 |" in card
+    assert "| latent shift of real images (base-latent std units) | – | 0.44 ± 0.1 |" in card
+    assert "> **Warning:** tuned: the encoder's latents moved" in card
+    assert card.count("eval/cycles.png") == 1 and "eval/drift.png" in card
+    assert card.index("### Real images") < card.index("![cycles]") < card.index("### All metrics")
+    # an eval without image data: no such section
+    assert real_image_section({"models": {"model": common}}) == []
+    assert "### Real images" not in render_section(
+        CardInfo(repo_id="me/vae", eval_metrics={"models": {"model": common}}))
