@@ -20,7 +20,7 @@ repeated cycling adds, in the units users see.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -149,6 +149,16 @@ def _clip(x: Tensor, data_range: tuple[float, float]) -> Tensor:
 
 
 @torch.no_grad()
+def _cycles(vae: VAEAdapter, x: Tensor, k: int) -> Iterator[Tensor]:
+    """x₁ … x_K of :func:`cycle_chain` one at a time (on the model's device, float32)."""
+    rng = vae.data_range
+    cur = x.to(vae.device)
+    for _ in range(k):
+        cur = _clip(vae.decode(vae.encode(cur).mean).float(), rng)
+        yield cur
+
+
+@torch.no_grad()
 def cycle_chain(vae: VAEAdapter, x: Tensor, k: int) -> Tensor:
     """The encode → decode chain of a batch: x₀ = x, x_k = clip(g(μ(x_{k−1}))), k = 1 … K.
 
@@ -158,13 +168,7 @@ def cycle_chain(vae: VAEAdapter, x: Tensor, k: int) -> Tensor:
     """
     if k < 1:
         raise ValueError("a cycle chain needs K ≥ 1")
-    rng = vae.data_range
-    cur = x.to(vae.device)
-    steps = [cur.float().cpu()]
-    for _ in range(k):
-        cur = _clip(vae.decode(vae.encode(cur).mean).float(), rng)
-        steps.append(cur.cpu())
-    return torch.stack(steps, 1)
+    return torch.stack([x.float().cpu()] + [s.cpu() for s in _cycles(vae, x, k)], 1)
 
 
 @dataclass
@@ -191,8 +195,9 @@ def cycle_metrics(vae: VAEAdapter, x: Tensor, cycles: Sequence[int] = (1, 2, 5, 
     * ``cycle_db_lost`` = PSNR(x₁, x₀) − PSNR(x_K, x₀) with K = max(cycles): the dB that
       repeated cycling costs beyond the first reconstruction (positive = degradation).
 
-    Images go through in batches of ``batch_size``; only the chains of the first ``keep``
-    images are kept (at ``figure_steps`` ≤ K), for the figure.
+    Images go through in batches of ``batch_size``, one cycle at a time (memory: one batch
+    of images, not the whole chain); only the chains of the first ``keep`` images are kept
+    (at ``figure_steps`` ≤ K), for the figure.
     """
     ks = sorted({int(c) for c in cycles})
     if not ks or ks[0] < 1:
@@ -205,15 +210,20 @@ def cycle_metrics(vae: VAEAdapter, x: Tensor, cycles: Sequence[int] = (1, 2, 5, 
                                     **{f"cycle_psnr@{k}": [] for k in ks}}
     kept: list[Tensor] = []
     for i in range(0, x.shape[0], batch_size):
-        chain = cycle_chain(vae, x[i : i + batch_size], k_max)
-        x0 = chain[:, 0]
-        per["image_psnr"].append(psnr_per_image(chain[:, 1], x0, rng))
-        if with_ssim:
-            per["image_ssim"].append(ssim_per_image(chain[:, 1], x0, rng))
-        for k in ks:
-            per[f"cycle_psnr@{k}"].append(psnr_per_image(chain[:, k], x0, rng))
-        if i < keep:
-            kept.append(chain[: keep - i, steps])
+        x0 = x[i : i + batch_size].float()
+        x0_dev = x0.to(vae.device)
+        shown = [x0[: keep - i].cpu()] if i < keep and 0 in steps else []
+        for k, xk in enumerate(_cycles(vae, x0, k_max), start=1):
+            if k == 1:
+                per["image_psnr"].append(psnr_per_image(xk, x0_dev, rng).cpu())
+                if with_ssim:
+                    per["image_ssim"].append(ssim_per_image(xk, x0_dev, rng).cpu())
+            if k in ks:
+                per[f"cycle_psnr@{k}"].append(psnr_per_image(xk, x0_dev, rng).cpu())
+            if i < keep and k in steps:
+                shown.append(xk[: keep - i].cpu())
+        if shown:
+            kept.append(torch.stack(shown, 1))
     values = {name: torch.cat(v) for name, v in per.items()}
     if k_max > 1:
         values["cycle_db_lost"] = values["image_psnr"] - values[f"cycle_psnr@{k_max}"]
