@@ -735,8 +735,12 @@ def evaluate(model: Any, compare: Any = None, *, data: Any = None, labels: Any =
     split = _prepare_data(data, labels, cfg, tuple(first.data_shape)) if data is not None else None
     has_labels = split is not None and split.test_y is not None
     has_images = _has_images(first, split)
+    # latent compatibility: base vs compared encoder on the same real images (a flat latent's
+    # spread is across images, so it needs two)
+    with_compat = (has_images and compare is not None
+                   and (len(first.latent_shape) > 1 or split.test_x.shape[0] > 1))
     n_stages = (len(_stage_names(split is not None, has_labels, has_images)) * len(vaes) + 1
-                + int(has_images and compare is not None))
+                + int(with_compat))
 
     results: dict[str, dict[str, Any]] = {}
     artifacts: dict[str, dict[str, Any]] = {}
@@ -749,7 +753,7 @@ def evaluate(model: Any, compare: Any = None, *, data: Any = None, labels: Any =
             results[n] = {k: e.as_dict() for k, e in res.items()}
             artifacts[n] = art
         warnings: list[str] = []
-        if has_images and compare is not None:
+        if with_compat:
             with stages.stage("latent compatibility"):
                 # In the compared model's column: how far its encoder moved the base model's
                 # latents of the same real images (the base column would read 0).

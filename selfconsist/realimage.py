@@ -253,11 +253,12 @@ def latent_compatibility(base: VAEAdapter, tuned: VAEAdapter, x: Tensor,
       decoder and clipped to its range: what the move does to the image the latent stands
       for (a tune leaves the decoder bit-identical, so this is also the tuned model's).
 
-    Needs at least two images (a standard deviation); ``x`` is in the model's data range.
+    ``x`` is in the model's data range. A flat latent needs at least two images (its channels
+    are single elements, whose spread is across images).
     """
-    if x.shape[0] < 2:
-        raise ValueError("latent compatibility needs at least 2 images")
     mu_b = _encode_means(base, x, batch_size)
+    if mu_b.dim() < 3 and x.shape[0] < 2:
+        raise ValueError("latent compatibility of a flat latent needs at least 2 images")
     mu_t = _encode_means(tuned, x, batch_size)
     if mu_b.shape != mu_t.shape:
         raise ValueError(f"the two encoders give latents of different shapes "

@@ -382,3 +382,33 @@ def test_model_card_carries_the_real_image_figures():
     assert real_image_section({"models": {"model": common}}) == []
     assert "### Real images" not in render_section(
         CardInfo(repo_id="me/vae", eval_metrics={"models": {"model": common}}))
+
+
+@pytest.mark.parametrize("n", [1, 5])
+def test_evaluate_reports_a_known_shift_and_warns(n, caplog):
+    import selfconsist
+    from selfconsist.evaluate import EvalConfig
+
+    shape = (3, 12, 12)
+    x = images(n, shape, lo=0.2, hi=0.8, seed=3)  # [0, 1] data, mapped to [-1, 1] by eval
+    base = PixelVAE(shape)
+    mu = 2 * x - 1
+    s = mu.transpose(0, 1).reshape(3, -1).std(1)
+    b = 0.3 * s  # a shift of 0.3 base-latent standard deviations in every channel
+    tuned = PixelVAE(shape, offset=b)
+    cfg = EvalConfig(samples=4, pgd_steps=1, eps=(0.1,), bootstrap=2, responsive_samples=2,
+                     device="cpu", figures=False, cycles=(1, 3))
+    with caplog.at_level(logging.WARNING, logger="selfconsist"):
+        m = selfconsist.evaluate(base, compare=tuned, data=x, config=cfg).metrics
+    res = m["models"]["tuned"]
+    assert res["latent_shift"]["value"] == pytest.approx(0.3, rel=1e-4)
+    # the base model is an exact inverse; the tuned one adds b_c per cycle: x_k = x₀ + k·b
+    # (nothing clips), so PSNR_k = 10 log10(2² / mean_c (k·b_c)²) for every image
+    assert m["models"]["model"]["cycle_psnr@3"]["value"] == R.PSNR_CAP_DB
+    assert m["models"]["model"]["cycle_db_lost"]["value"] == 0.0
+    for k in (1, 3):
+        want = 10 * math.log10(4.0 / float((k * b).pow(2).mean()))
+        assert res[f"cycle_psnr@{k}"]["value"] == pytest.approx(want, rel=1e-5)
+    assert res["cycle_db_lost"]["value"] == pytest.approx(20 * math.log10(3), rel=1e-5)
+    assert len(m["warnings"]) == 1 and "0.300" in m["warnings"][0]
+    assert [r.getMessage() for r in caplog.records] == m["warnings"]
