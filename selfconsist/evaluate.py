@@ -20,6 +20,13 @@ x_model = lo + (hi − lo)·x):
 * ``active_units`` (Var_x μ̂ > 0.01) and ``responsive_active`` (responsive elements that are
   active; responsive ones that are not are collapse);
 * ``drift_data@K`` and ``adv_shift_data@ε``: as above, from real inputs;
+* on image data (C, H, W) with a bounded range, per image then mean ± std/√n
+  (:mod:`selfconsist.realimage`): ``image_psnr`` and ``image_ssim`` of the single pass,
+  ``cycle_psnr@K`` = PSNR(x_K, x₀) along x_k = clip(g(μ(x_{k−1}))) for K in ``cycles``, and
+  ``cycle_db_lost`` = PSNR@1 − PSNR@K_max; with ``compare``, in the compared model's column,
+  ``latent_shift`` (|μ_t − μ_b| in base-latent standard deviations) and
+  ``latent_decode_psnr`` = PSNR(g(μ_t(x)), g(μ_b(x))). A shift above
+  :data:`~selfconsist.realimage.SHIFT_WARN` adds a line to ``warnings`` (and the log);
 * with labels, a linear probe (multinomial logistic regression on μ̂(x), fitted on the train
   split) scored on held-out inputs: ``probe_acc`` clean; ``probe_acc_adv@ε`` on the inputs of
   the latent-shift PGD above (the paper's threat model: the attacker moves the code and does
@@ -34,6 +41,7 @@ deterministic and both models see the same prior draws and attack starts.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import platform
 import time
@@ -49,6 +57,7 @@ from torch import Tensor
 
 from . import __version__
 from . import metrics as M
+from . import realimage as R
 from .adapters.base import VAEAdapter
 from .data import Dataset, check_matches, load_dataset
 from .errors import DataError, SelfconsistError
@@ -74,6 +83,12 @@ STDERR_METHODS: dict[str, str] = {
     "probe_acc": "binomial: √(p(1−p)/n)",
     "probe_acc_adv@": "binomial: √(p(1−p)/n)",
     "probe_acc_ce@": "binomial: √(p(1−p)/n)",
+    "image_psnr": "analytic: std/√n over images (per-image PSNR)",
+    "image_ssim": "analytic: std/√n over images (per-image SSIM)",
+    "cycle_psnr@": "analytic: std/√n over images (per-image PSNR)",
+    "cycle_db_lost": "analytic: std/√n over images (per-image difference)",
+    "latent_shift": "analytic: std/√n over images (per-image mean shift)",
+    "latent_decode_psnr": "analytic: std/√n over images (per-image PSNR)",
 }
 
 #: metric (or prefix) → (short description, which way is better: "up", "down" or "").
@@ -95,6 +110,15 @@ METRIC_INFO: dict[str, tuple[str, str]] = {
     "probe_acc": ("linear probe accuracy, clean", "up"),
     "probe_acc_adv@": ("linear probe accuracy under the latent-shift PGD (encoder attack)", "up"),
     "probe_acc_ce@": ("linear probe accuracy under PGD on the probe's cross-entropy", "up"),
+    "image_psnr": ("single-pass PSNR (dB) of g(μ(x)) vs x, per-image mean, real images", "up"),
+    "image_ssim": ("single-pass SSIM of g(μ(x)) vs x (Gaussian 11×11, σ 1.5), per-image mean",
+                   "up"),
+    "cycle_psnr@": ("PSNR (dB) of x_K vs the original x₀ after K encode → decode cycles, "
+                    "per-image mean", "up"),
+    "cycle_db_lost": ("dB lost from cycle 1 to the last of the cycles (PSNR@1 − PSNR@K)", "down"),
+    "latent_shift": ("mean |μ_tuned(x) − μ_base(x)| in base-latent std units, real images",
+                     "down"),
+    "latent_decode_psnr": ("PSNR (dB) of g(μ_tuned(x)) vs g(μ_base(x)), per-image mean", "up"),
 }
 
 
@@ -139,6 +163,9 @@ class EvalConfig:
     figures: bool = True
     n_figure: int = 8
     data_seed: int = 0  # ColorMNIST colours
+    fit: str = "crop"  # image folders of other sizes: "crop" (centre crop) or "tile"
+    cycles: tuple[int, ...] = (1, 2, 5, 10)  # K of cycle_psnr@K; the largest sets cycle_db_lost
+    real_images: int | None = None  # at most this many held-out images for the cycle stages
 
     def __post_init__(self) -> None:
         require_finite(self)
@@ -159,6 +186,17 @@ class EvalConfig:
             raise SelfconsistError("--n-train must not be negative")
         if self.n_test is not None and self.n_test < 2:
             raise SelfconsistError("--n-test must be at least 2")
+        if self.fit not in ("crop", "tile"):
+            raise SelfconsistError(f"--fit must be crop or tile, got {self.fit!r}")
+        try:
+            cycles = tuple(sorted({int(k) for k in self.cycles}))
+        except (TypeError, ValueError):
+            cycles = ()
+        if not cycles or cycles[0] < 1 or any(float(k) != int(k) for k in self.cycles):
+            raise SelfconsistError("--cycles must be positive integers, e.g. --cycles 1,2,5,10")
+        self.cycles = cycles
+        if self.real_images is not None and self.real_images < 2:
+            raise SelfconsistError("--real-images must be at least 2")
 
     def eps_for(self, data_range: tuple[float, float]) -> tuple[float, ...]:
         if self.eps is not None:
@@ -171,8 +209,10 @@ class EvalConfig:
 
 
 # ``eval --fast``: fewer samples, PGD steps and bootstrap resamples, for a quick check (the
-# standard errors grow by about √4); the metric set and names stay the same.
-FAST_PRESET = {"samples": 256, "pgd_steps": 5, "responsive_samples": 16, "bootstrap": 50}
+# standard errors grow by about √4); the metric set and names stay the same. Real-image cycles
+# keep their K (so cycle_psnr@10 and cycle_db_lost mean the same) on at most 16 images.
+FAST_PRESET = {"samples": 256, "pgd_steps": 5, "responsive_samples": 16, "bootstrap": 50,
+               "real_images": 16}
 
 
 def fast_config(cfg: EvalConfig) -> EvalConfig:
@@ -205,6 +245,7 @@ class EvalResult:
 
 _STAGE_SEEDS = {"responsive": 1, "roundtrip": 2, "drift": 3, "shift": 4, "bootstrap": 5,
                 "drift_data": 6, "shift_data": 7, "probe_adv": 8}
+_log = logging.getLogger("selfconsist")
 
 
 def _gen(seed: int, stage: str) -> torch.Generator:
@@ -294,7 +335,9 @@ def _prepare_data(data: Any, labels: Any, cfg: EvalConfig, data_shape: tuple[int
     elif isinstance(data, Tensor):
         ds = Dataset(data.float(), None, "tensor")
     else:
-        ds = load_dataset(str(data), seed=cfg.data_seed)
+        # An image folder of any size is fitted to the model's (C, H, W) (cfg.fit).
+        shape = data_shape if len(data_shape) == 3 else None
+        ds = load_dataset(str(data), seed=cfg.data_seed, shape=shape, fit=cfg.fit)
     check_matches(ds, data_shape)
     n = len(ds)
     y = _load_labels(labels, n) if labels is not None else ds.y
@@ -335,10 +378,25 @@ def _to_model_range(x: Tensor, data_range: tuple[float, float]) -> Tensor:
 
 # --- one model ---------------------------------------------------------------------------------
 
-def _stage_names(has_data: bool, has_labels: bool) -> list[str]:
+def _has_images(vae: VAEAdapter, split: _Split | None) -> bool:
+    """Real-image stages run on image data (C, H, W) in a bounded range (PSNR needs one)."""
+    lo, hi = vae.data_range
+    return split is not None and len(vae.data_shape) == 3 and math.isfinite(hi - lo)
+
+
+def _real_images(split: _Split, cfg: EvalConfig, data_range: tuple[float, float]) -> Tensor:
+    """The held-out images of the real-image stages, in the model's range (the first
+    ``cfg.real_images`` of them)."""
+    x = split.test_x if cfg.real_images is None else split.test_x[: cfg.real_images]
+    return _to_model_range(x, data_range)
+
+
+def _stage_names(has_data: bool, has_labels: bool, has_images: bool = False) -> list[str]:
     names = ["decoder responses", "sample round trip", "drift (samples)", "PGD shift (samples)"]
     if has_data:
         names += ["reconstruction, active units", "drift (data)"]
+    if has_images:
+        names += ["real-image cycles"]
     if has_labels:
         names += ["linear probe"]
     if has_data:
@@ -428,6 +486,13 @@ def _evaluate_model(vae: VAEAdapter, cfg: EvalConfig, split: _Split | None, stag
             drift, chains = M.drift_chain(vae, test_x, cfg.drift_k, bs, keep=keep)
             out[f"drift_data@{cfg.drift_k}"] = M.Estimate.of(drift)
             art["data_chains"] = chains
+
+        if _has_images(vae, split):
+            with stages.stage(f"{label}: real-image cycles"):
+                cyc = R.cycle_metrics(vae, _real_images(split, cfg, rng), cfg.cycles, bs, keep=1)
+                out.update(cyc.estimates)
+                art["cycles"] = {"chains": cyc.chains, "steps": cyc.steps, "n": int(
+                    cyc.per_image["image_psnr"].numel())}
 
         probe = None
         if split.test_y is not None and split.train_x is not None:
@@ -543,10 +608,19 @@ def render_report(metrics: dict[str, Any], figures: dict[str, str] | None = None
     lines.append(f"- seed {cfg.get('seed')}, {cfg.get('samples')} prior samples, "
                  f"ε = {', '.join(f'{e:g}' for e in cfg.get('eps_used', []))} (data units), "
                  f"PGD {cfg.get('pgd_steps')} steps of ε/8, ρ = {cfg.get('rho')}")
+    if any("cycle_psnr@" in k for r in metrics["models"].values() for k in r):
+        n_img = (data or {}).get("n_test") if cfg.get("real_images") is None else min(
+            cfg["real_images"], (data or {}).get("n_test") or cfg["real_images"])
+        lines.append(f"- real-image cycles: {n_img} held-out images "
+                     f"(image folders fitted by `{cfg.get('fit', 'crop')}`), K = "
+                     f"{', '.join(str(k) for k in cfg.get('cycles', []))}; x_k = clip(g(μ(x_(k−1)))), "
+                     "PSNR/SSIM per image, then averaged")
     modes = cfg.get("responsive_mode", {})
     if "channel" in modes.values():
         lines.append("- decoder-responsive elements were probed per latent channel (the "
                      "latent is large): every element of a channel shares its verdict")
+    if metrics.get("warnings"):
+        lines += ["", "## Warnings", ""] + [f"> {w}" for w in metrics["warnings"]]
     lines += ["", "## Metrics", "", render_table(metrics, names)]
     lines += ["Values are `value ± standard error`. ↑/↓: which way is better; counts without an "
               "arrow describe the model rather than rank it. A robustness number counts only "
@@ -567,6 +641,7 @@ def render_report(metrics: dict[str, Any], figures: dict[str, str] | None = None
             "drift": "Drift chains x₀, x₁ = g(μ(x₀)), …, x_K",
             "adversarial": "Clean and PGD-attacked inputs with their decodings",
             "metrics": "Metrics side by side (error bars: ±1 standard error)",
+            "cycles": "Real images through K encode → decode cycles: PSNR against the original",
         }
         for key, fname in figures.items():
             lines += [f"### {captions.get(key, key)}", "", f"![{key}]({fname})", ""]
@@ -659,7 +734,13 @@ def evaluate(model: Any, compare: Any = None, *, data: Any = None, labels: Any =
     eps_used = cfg.eps_for(first.data_range)  # an unbounded range without --eps fails here
     split = _prepare_data(data, labels, cfg, tuple(first.data_shape)) if data is not None else None
     has_labels = split is not None and split.test_y is not None
-    n_stages = len(_stage_names(split is not None, has_labels)) * len(vaes) + 1
+    has_images = _has_images(first, split)
+    # latent compatibility: base vs compared encoder on the same real images (a flat latent's
+    # spread is across images, so it needs two)
+    with_compat = (has_images and compare is not None
+                   and (len(first.latent_shape) > 1 or split.test_x.shape[0] > 1))
+    n_stages = (len(_stage_names(split is not None, has_labels, has_images)) * len(vaes) + 1
+                + int(with_compat))
 
     results: dict[str, dict[str, Any]] = {}
     artifacts: dict[str, dict[str, Any]] = {}
@@ -671,6 +752,20 @@ def evaluate(model: Any, compare: Any = None, *, data: Any = None, labels: Any =
             timing[n] = round(time.perf_counter() - t0, 2)
             results[n] = {k: e.as_dict() for k, e in res.items()}
             artifacts[n] = art
+        warnings: list[str] = []
+        if with_compat:
+            with stages.stage("latent compatibility"):
+                # In the compared model's column: how far its encoder moved the base model's
+                # latents of the same real images (the base column would read 0).
+                base, tuned = vaes[name], vaes[compare_name]
+                compat = R.latent_compatibility(base, tuned, _real_images(
+                    split, cfg, base.data_range), cfg.batch_size)
+                results[compare_name].update({k: e.as_dict() for k, e in compat.items()})
+                line = R.shift_warning(compat["latent_shift"].value)
+                if line is not None:
+                    warnings.append(f"{compare_name}: {line}")
+        for line in warnings:
+            _log.warning(line)
         with stages.stage("report"):
             metrics: dict[str, Any] = {
                 "models": results,
@@ -687,6 +782,7 @@ def evaluate(model: Any, compare: Any = None, *, data: Any = None, labels: Any =
                            "seeds": {stage: cfg.seed * 1_000_003 + k
                                      for stage, k in _STAGE_SEEDS.items()}},
                 "data": split.describe() if split is not None else None,
+                "warnings": warnings,
                 "stderr_methods": {k: _lookup(STDERR_METHODS, k)
                                    for r in results.values() for k in r},
                 "versions": _versions(),

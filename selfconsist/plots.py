@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-FIGURES = ("roundtrip", "drift", "adversarial", "metrics")
+FIGURES = ("roundtrip", "drift", "adversarial", "metrics", "cycles")
 
 
 def _matplotlib() -> Any | None:
@@ -164,6 +164,68 @@ def metrics_figure(Figure: Any, metrics: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def _cycle_ks(metrics: dict[str, Any], name: str) -> list[tuple[int, float, float]]:
+    """(K, PSNR, stderr) of the ``cycle_psnr@K`` entries of one model, sorted by K."""
+    out = []
+    for key, e in (metrics["models"].get(name) or {}).items():
+        if key.startswith("cycle_psnr@") and isinstance(e, dict) and e.get("value") is not None:
+            out.append((int(key.split("@", 1)[1]), float(e["value"]), float(e.get("stderr") or 0.0)))
+    return sorted(out)
+
+
+def cycles_figure(Figure: Any, artifacts: dict[str, dict[str, Any]], metrics: dict[str, Any],
+                  path: Path) -> bool:
+    """cycles.png: per-image mean PSNR of x_K against the original x₀ vs the number of
+    encode → decode cycles K (±1 standard error), one line per model; below it, one row per
+    model with the chain x₀, x₁, x₂, x₅, x₁₀ of the first held-out image (each with its own
+    PSNR against x₀)."""
+    names = [n for n in metrics["models"] if _cycle_ks(metrics, n)]
+    if not names:
+        return False
+    rows = [(n, artifacts.get(n, {}).get("cycles") or {}) for n in names]
+    rows = [(n, c) for n, c in rows if c.get("chains") is not None and c["chains"].numel()]
+    n_cols = max([len(c["steps"]) for _, c in rows], default=1)
+    width = max(6.0, 1.45 * n_cols + 1.4)
+    height = 3.0 + 1.5 * len(rows)
+    fig = Figure(figsize=(width, height), dpi=100)
+    gs = fig.add_gridspec(1 + len(rows), n_cols, height_ratios=[2.6] + [1.4] * len(rows),
+                          left=1.2 / width, right=1 - 0.15 / width, top=1 - 0.45 / height,
+                          bottom=0.15 / height, hspace=0.45, wspace=0.08)
+    ax = fig.add_subplot(gs[0, :])
+    colours = ["#4c72b0", "#dd8452", "#55a868", "#c44e52"]
+    for i, n in enumerate(names):
+        ks, v, se = zip(*_cycle_ks(metrics, n), strict=True)
+        dodge = 0.06 * (i - (len(names) - 1) / 2)  # side by side, so equal error bars both show
+        ax.errorbar([k + dodge for k in ks], v, yerr=se, marker="o", capsize=3,
+                    color=colours[i % len(colours)], label=n)
+    ax.set_xlabel("encode → decode cycles K", fontsize=8)
+    ax.set_ylabel("PSNR(x_K, x₀) dB", fontsize=8)
+    ax.set_xticks(sorted({k for n in names for k, _, _ in _cycle_ks(metrics, n)}))
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.suptitle("Real images through repeated encode → decode cycles "
+                 "(per-image mean, ±1 s.e.)", fontsize=10)
+    for r, (n, c) in enumerate(rows, start=1):
+        rng = artifacts[n]["data_range"]
+        images = [to_image(t, rng) for t in c["chains"][0]]
+        for j, (k, img) in enumerate(zip(c["steps"], images, strict=True)):
+            a = fig.add_subplot(gs[r, j])
+            a.set_xticks([])
+            a.set_yticks([])
+            a.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0.0, vmax=1.0,
+                     interpolation="nearest")
+            if k == 0:
+                a.set_title("x0 (original)", fontsize=7)
+                a.set_ylabel(n, fontsize=8, rotation=0, ha="right", va="center")
+            else:
+                mse = float(np.mean((img - images[0]) ** 2))
+                db = 10 * math.log10(1.0 / max(mse, 1e-12))
+                a.set_title(f"x{k}  {db:.1f} dB", fontsize=7)
+    fig.savefig(path)
+    return True
+
+
 def make_figures(out_dir: str | Path, artifacts: dict[str, dict[str, Any]],
                  metrics: dict[str, Any]) -> dict[str, str]:
     """Write the PNGs into ``out_dir``; returns {figure: file name} for those written
@@ -178,6 +240,7 @@ def make_figures(out_dir: str | Path, artifacts: dict[str, dict[str, Any]],
         "drift": lambda p: drift_figure(Figure, artifacts, p),
         "adversarial": lambda p: adversarial_figure(Figure, artifacts, p),
         "metrics": lambda p: metrics_figure(Figure, metrics, p),
+        "cycles": lambda p: cycles_figure(Figure, artifacts, metrics, p),
     }
     for key in FIGURES:
         fname = f"{key}.png"

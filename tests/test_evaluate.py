@@ -20,6 +20,9 @@ DATA_FREE = {"sample_roundtrip_mse", "latent_roundtrip_corr", "consistency_kl", 
              "adv_shift@0.1", "adv_shift@0.2", "responsive_elements"}
 WITH_DATA = {"recon_mse", "recon_psnr", "active_units", "responsive_active", "drift_data@10",
              "adv_shift_data@0.1", "adv_shift_data@0.2"}
+# image data (C, H, W): the real-image cycles (no SSIM below 11×11, so none on 8×8 digits)
+WITH_IMAGES = {"image_psnr", "cycle_psnr@1", "cycle_psnr@2", "cycle_psnr@5", "cycle_psnr@10",
+               "cycle_db_lost"}
 WITH_LABELS = {"probe_acc", "probe_acc_adv@0.1", "probe_acc_adv@0.2", "probe_acc_ce@0.1", "probe_acc_ce@0.2"}
 
 
@@ -154,7 +157,7 @@ def test_python_api_without_matplotlib(models, tmp_path, monkeypatch, capsys) ->
     assert sorted(p.name for p in (tmp_path / "api").iterdir()) == ["metrics.json", "report.md"]
     assert "## Figures" not in res.report
     got = set(res.metrics["models"]["mine"])
-    assert got == DATA_FREE | WITH_DATA | ({"latent_roundtrip_corr_responsive"} & got)
+    assert got == DATA_FREE | WITH_DATA | WITH_IMAGES | ({"latent_roundtrip_corr_responsive"} & got)
     assert res.metrics["data"]["n_test"] == 60  # no labels: everything is held out
     # the package attribute stays the function even though the module is imported
     assert callable(selfconsist.evaluate)
