@@ -209,15 +209,10 @@ def load_images(folder: str | Path, vae: VAEAdapter, fit: str = "crop") -> Tenso
     if not path.is_dir():
         raise SelfconsistError(f"--images {path}: no such folder")
     try:
-        data = load_image_folder(path, vae.data_shape[1:], fit=fit)
+        data = load_image_folder(path, tuple(vae.data_shape), fit=fit, data_range=vae.data_range)
     except SelfconsistError as e:
         raise SelfconsistError(f"--images: {e}") from None
-    x = data.x
-    if tuple(x.shape[1:]) != tuple(vae.data_shape):
-        raise SelfconsistError(f"--images {path}: images of shape {tuple(x.shape[1:])}, the model "
-                               f"expects {tuple(vae.data_shape)}")
-    lo, hi = vae.data_range
-    return x * (hi - lo) + lo
+    return data.x
 
 
 def _frozen_copy(vae: VAEAdapter) -> VAEAdapter:

@@ -15,7 +15,7 @@ from diffusers import AutoencoderKL  # noqa: E402
 from selfconsist import objective as obj  # noqa: E402
 from selfconsist.adapters.diffusers import DiffusersVAE  # noqa: E402
 from selfconsist.errors import SelfconsistError  # noqa: E402
-from selfconsist.tune import TuneConfig, Z0Source, _frozen_copy, tune  # noqa: E402
+from selfconsist.tune import TuneConfig, Z0Source, _frozen_copy, load_images, tune  # noqa: E402
 
 pytestmark = pytest.mark.diffusers
 
@@ -31,7 +31,7 @@ def tiny_vae() -> DiffusersVAE:
 
 
 def encoder_distance(a: DiffusersVAE, b: DiffusersVAE) -> float:
-    return max(float((p - q).abs().max()) for p, q in
+    return max(float((p.detach() - q.detach()).abs().max()) for p, q in
                zip(a.encoder_parameters(), b.encoder_parameters(), strict=True))
 
 
@@ -107,3 +107,55 @@ def test_for_model_applies_family_defaults_then_options(monkeypatch):
 def test_bad_settings_are_refused(bad):
     with pytest.raises(SelfconsistError):
         TuneConfig(**bad)
+
+
+def _png_folder(folder, n: int = 3, size: int = 20):
+    from PIL import Image
+
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        a = (torch.rand(size, size + 7, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(a).save(folder / f"{i}.png")
+    return folder
+
+
+def test_images_posteriors_and_anchor_on_images(tmp_path):
+    vae = tiny_vae()
+    folder = _png_folder(tmp_path / "imgs")
+    cfg = TuneConfig(images=str(folder), anchor=1e-3, **QUICK)
+    src = Z0Source(vae, cfg, None, load_images(folder, vae))
+    z, idx = src.sample(4, torch.Generator().manual_seed(0))
+    assert src.kind == "images" and idx is not None and z.shape == (4, *vae.latent_shape)
+    res = tune(vae, cfg, progress=False)
+    assert res.latent_shift["on"] == "images"
+
+
+def _run_cli(*args: str):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "selfconsist", *args], capture_output=True,
+                          text=True, env=env, timeout=300)
+
+
+@pytest.mark.parametrize("case", ["empty", "unreadable", "missing"])
+def test_images_refusals_are_one_line(tmp_path, case):
+    model = tmp_path / "m"
+    AutoencoderKL(**TINY).save_pretrained(model)
+    folder = tmp_path / "imgs"
+    if case != "missing":
+        folder.mkdir()
+    if case == "unreadable":
+        (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    out = tmp_path / "out"
+    r = _run_cli("tune", str(model), "--out", str(out), "--images", str(folder), "--steps", "2",
+                 "--batch-size", "2")
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2, r.stderr
+    assert len(lines) == 1 and "--images" in lines[0] and "Traceback" not in r.stderr
+    if case == "unreadable":
+        assert "broken.png" in lines[0]
+    assert not out.exists()

@@ -71,7 +71,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--kl-weight", type=float, default=1e-6)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -103,7 +103,7 @@ def main() -> None:
         loss.backward()
         opt.step()
         sched.step()
-        if step % 100 == 0 or step + 1 == args.steps:
+        if step % 50 == 0 or step + 1 == args.steps:
             print(f"step {step + 1}/{args.steps}  rec {rec.item():.1f}  kl {kl.item():.0f}  "
                   f"logvar {post.logvar.mean().item():.2f}  {time.time() - t0:.0f} s", flush=True)
     train_s = time.time() - t0
