@@ -71,7 +71,6 @@ def tune(
                                             "(default: sized so the measurement costs ≤10% of the run)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from OUT.state.pt."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     push_to_hub: str | None = typer.Option(
         None, "--push-to-hub", help="Then evaluate base vs tuned and push model, eval and card "
         "to this Hub repo (owner/name); see `selfconsist push --help`."),
@@ -109,7 +108,7 @@ def tune(
     vae = load_model(model, adapter, trust_remote_code, **options)
     args = [a for a in sys.argv[1:] if a != "--debug"]
     command = "selfconsist tune " + shlex.join(args[1:] if args[:1] == ["tune"] else args)
-    result = run(vae, cfg, out, resume=resume, overwrite=overwrite, progress=not quiet,
+    result = run(vae, cfg, out, resume=resume, overwrite=overwrite, progress=True,
                  metadata={META_PREFIX + "command": command})
     _print_table(result.before, result.after)
     typer.echo(str(out))
