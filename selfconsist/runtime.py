@@ -125,9 +125,13 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 
 def format_duration(seconds: float) -> str:
-    """12.3 s → ``0:12``; 3725 s → ``1:02:05``; unknown → ``?``."""
+    """2.34 → ``2.3 s``; 42.4 → ``42 s``; 125 → ``2:05``; 3725 → ``1:02:05``; unknown → ``?``."""
     if not math.isfinite(seconds) or seconds < 0:
         return "?"
+    if seconds < 9.95:
+        return f"{seconds:.1f} s"
+    if seconds < 59.5:
+        return f"{seconds:.0f} s"
     s = int(round(seconds))
     h, m = divmod(s // 60, 60)
     return f"{h}:{m:02d}:{s % 60:02d}" if h else f"{m}:{s % 60:02d}"

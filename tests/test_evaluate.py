@@ -57,7 +57,7 @@ def test_cli_eval_writes_metrics_report_and_figures(models, tmp_path, capsys) ->
     out = tmp_path / "eval"
     code, stdout, stderr = run_cli(eval_args(models, out, "--seed", "3"), capsys)
     assert code == 0, stderr
-    assert "| metric | model | tuned | change | better |" in stdout
+    assert "| metric | model | tuned | change | verdict | better |" in stdout
     assert str(out / "report.md") in stdout
 
     m = json.loads((out / "metrics.json").read_text())
@@ -83,7 +83,7 @@ def test_cli_eval_writes_metrics_report_and_figures(models, tmp_path, capsys) ->
     assert set(m["stderr_methods"]) >= DATA_FREE | WITH_DATA | WITH_LABELS
 
     report = (out / "report.md").read_text()
-    assert "| metric | model | tuned | change | better |" in report
+    assert "| metric | model | tuned | change | verdict | better |" in report
     for key in DATA_FREE | WITH_DATA | WITH_LABELS:
         assert f"`{key}`" in report
     for fig in ("roundtrip", "drift", "adversarial", "metrics"):
@@ -170,9 +170,10 @@ def test_render_table_and_config() -> None:
     }}
     table = render_table(metrics)
     lines = table.strip().splitlines()
-    assert lines[0] == "| metric | model | tuned | change | better |"
-    assert "| `probe_acc` | 0.5 ± 0.01 | 0.6 ± 0.01 | +0.1 (+20%) | ↑ |" in lines
-    assert "| `adv_shift@0.1` | 2 | 1 ± 0.1 | -1 (-50%) | ↓ |" in lines
+    assert lines[0] == "| metric | model | tuned | change | verdict | better |"
+    # 0.1 > 2·√(0.01² + 0.01²) ≈ 0.028: a real gain; −1 against a 0.2 threshold: better
+    assert "| `probe_acc` | 0.5 ± 0.01 | 0.6 ± 0.01 | +0.1 (+20%) | **better** | ↑ higher |" in lines
+    assert "| `adv_shift@0.1` | 2 | 1 ± 0.1 | -1 (-50%) | **better** | ↓ lower |" in lines
     assert render_table(metrics["models"], ["tuned"]).splitlines()[0] == (
         "| metric | tuned | better |")
     # ε defaults follow the data range's width; data in [0, 1] maps onto it
