@@ -99,6 +99,19 @@ def stderr_is_terminal() -> bool:
     return bool(isatty and isatty()) and os.environ.get("TERM") != "dumb"
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A stream handler that writes to whatever ``sys.stderr`` is at the time of each record
+    (so a redirected or captured stderr, as in tests, is honoured)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:  # StreamHandler.__init__ assigns it; ignore
+        pass
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     """Route the ``selfconsist`` logger to stderr, for the CLI: rich's handler on a terminal,
     plain timestamped lines otherwise (a log file, SLURM, CI). Library users configure
@@ -116,12 +129,18 @@ def setup_logging(level: int = logging.INFO) -> None:
                               show_level=False, markup=False, rich_tracebacks=False)
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     handler._selfconsist_cli = True  # type: ignore[attr-defined]
     logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False
+
+
+def silenced() -> bool:
+    """Whether the ``selfconsist`` logger was set above INFO (``--quiet``, or a library user's
+    ``logging.getLogger("selfconsist").setLevel(logging.WARNING)``): then no bar either."""
+    return log.level > logging.INFO
 
 
 def format_duration(seconds: float) -> str:
@@ -157,12 +176,14 @@ class Progress:
 
     def __init__(self, total: int, description: str, enabled: bool = True, start: int = 0, *,
                  every: int | None = None, seconds: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic, console: Any = None) -> None:
-        self.enabled = enabled and total > 0 and log.isEnabledFor(logging.INFO)
+                 clock: Callable[[], float] = time.monotonic, console: Any = None,
+                 terminal: bool | None = None) -> None:
+        self.enabled = enabled and total > 0 and not silenced()
         self.total, self.start, self.description = total, start, description
         self.every = every if every is not None else max(1, math.ceil(0.05 * total))
         self.seconds, self.clock, self._console = seconds, clock, console
-        self.terminal = console is not None or stderr_is_terminal()
+        self.terminal = (terminal if terminal is not None
+                         else console is not None or stderr_is_terminal())
         self._bar: Any = None
         self.step = start
         self._logged_step: int | None = None
@@ -278,7 +299,7 @@ class Stages:
 
     def __init__(self, total: int, description: str, enabled: bool = True) -> None:
         self.total, self.description = total, description
-        self.enabled = enabled and log.isEnabledFor(logging.INFO)
+        self.enabled = enabled and not silenced()
         self._bar: Any = None
         self.done = 0
 
