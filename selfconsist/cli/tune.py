@@ -137,31 +137,30 @@ TABLE_ORDER = ("sample_roundtrip_mse", "latent_roundtrip_corr_responsive", "cons
 
 
 def _print_table(before: dict, after: dict) -> None:
+    """The before/after figures on stderr, fitting 80 columns: a summary (what improved, what
+    got worse, the decoder-responsive elements), then two lines per metric (name and better
+    direction; before → after, change, verdict)."""
     from rich.console import Console
-    from rich.table import Table
     from rich.text import Text
 
     from ..report import DIRECTION_TEXT, summary_lines, verdict
 
-    console = Console(stderr=True)
-    table = Table(title="self-consistency, before → after (data-free, prior samples)")
-    table.add_column("metric", overflow="fold")
-    table.add_column("before", justify="right")
-    table.add_column("after", justify="right")
-    table.add_column("change", justify="right")
-    table.add_column("verdict")
+    console = Console(stderr=True, soft_wrap=True, highlight=False)
     colour = {"better": "green", "worse": "red"}
+    console.print(Text("self-consistency, before → after (data-free, prior samples)",
+                       style="bold"))
+    for line in summary_lines(before, after):
+        console.print(Text(f"  {line}"))
     keys = [k for k in TABLE_ORDER if k in before] + [k for k in before if k not in TABLE_ORDER]
     for key in keys:
         if key not in after:
             continue
         v = verdict(key, before[key], after[key])
         way = DIRECTION_TEXT[v.direction]
-        table.add_row(f"{key}\n({way})" if way else key,
-                      f"{v.before:.4g} ± {before[key]['stderr']:.2g}",
-                      f"{v.after:.4g} ± {after[key]['stderr']:.2g}", v.change_text(),
-                      Text(v.verdict, style=colour.get(v.verdict, "")))
-    for line in summary_lines(before, after):
-        console.print(Text(line))
-    console.print(table)
-    console.print(Text("A change counts when it exceeds 2·√(se_before² + se_after²)."))
+        line = Text(f"  {key}" + (f" ({way})" if way else ""), style="bold")
+        console.print(line)
+        row = Text(f"      {v.before:.4g} ± {before[key]['stderr']:.2g} → "
+                   f"{v.after:.4g} ± {after[key]['stderr']:.2g}   {v.change_text()}   ")
+        row.append(v.verdict, style=colour.get(v.verdict, ""))
+        console.print(row)
+    console.print(Text("  (a change counts when |Δ| > 2·√(se_before² + se_after²))"))
