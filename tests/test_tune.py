@@ -60,7 +60,9 @@ def test_cli_tune_freezes_decoder_changes_encoder_and_records_metadata(tmp_path,
     assert meta["selfconsist.command"].startswith("selfconsist tune ")
     assert "sample_roundtrip_mse" in r.stderr  # the before/after table
     # with its verdicts and a summary that opens it, even under -q (it is a result)
-    assert "lower is better" in r.stderr and "verdict" in r.stderr
+    assert "lower is better" in r.stderr and "higher is better" in r.stderr
+    assert re.search(r"→ .*   (better|worse|no significant change)$", r.stderr, re.M)
+    assert max(len(ln) for ln in r.stderr.splitlines()[5:]) <= 80  # the per-metric lines
     assert "Improved" in r.stderr and "Got worse" in r.stderr
     assert "Decoder-responsive elements" in r.stderr
     assert "tune: step" not in r.stderr  # -q: no progress
