@@ -137,6 +137,17 @@ def setup_logging(level: int = logging.INFO) -> None:
     logger.propagate = False
 
 
+def ensure_logging() -> None:
+    """For a run with ``progress=True`` in a Python session where logging was never configured
+    (no handler on ``selfconsist`` nor on the root logger): show the progress lines on stderr
+    as the CLI does, at the logger's own level (INFO when unset). Any configuration the user
+    made, even later with a root handler first, takes precedence over this default."""
+    logger = logging.getLogger(LOGGER_NAME)
+    if logger.handlers or logging.getLogger().handlers:
+        return
+    setup_logging(logger.level if logger.level != logging.NOTSET else logging.INFO)
+
+
 def silenced() -> bool:
     """Whether the ``selfconsist`` logger was set above INFO (``--quiet``, or a library user's
     ``logging.getLogger("selfconsist").setLevel(logging.WARNING)``): then no bar either."""
@@ -221,6 +232,8 @@ class Progress:
 
     # --- context --------------------------------------------------------------------------------
     def __enter__(self) -> Progress:
+        if self.enabled:
+            ensure_logging()
         self._t0 = self._logged_at = self.clock()
         if self.enabled and self.terminal:
             from rich.console import Console
@@ -282,11 +295,13 @@ def nonfinite_stop(error: NonFiniteLossError, out: Path | None, state_file: Path
 
 
 @contextmanager
-def stage(message: str, enabled: bool = True) -> Iterator[None]:
-    """Log the start of a phase and, at its end, how long it took (INFO on ``selfconsist``)."""
+def stage(message: str, enabled: bool = True, detail: str = "") -> Iterator[None]:
+    """Log the start of a phase (with ``detail``) and, at its end, how long it took (INFO on
+    the ``selfconsist`` logger)."""
     t0 = time.monotonic()
     if enabled:
-        log.info("%s …", message)
+        ensure_logging()
+        log.info("%s%s …", message, f" ({detail})" if detail else "")
     yield
     if enabled:
         log.info("%s: done in %s", message, format_duration(time.monotonic() - t0))
@@ -305,6 +320,8 @@ class Stages:
 
     def __enter__(self) -> Stages:
         self._t0 = time.monotonic()
+        if self.enabled:
+            ensure_logging()
         if self.enabled and stderr_is_terminal():
             from rich import progress as rp
             from rich.console import Console

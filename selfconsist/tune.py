@@ -268,8 +268,9 @@ def tune(vae: VAEAdapter | Any, cfg: TuneConfig | None = None, out: str | Path |
         responsive = state["responsive"]
     else:
         # The measurement can take a while on a big model: say what it is doing, and how long.
-        with stage(f"tune: measuring before ({plan.describe()})", progress):
+        with stage("tune: measuring before: decoder responses", progress, plan.describe()):
             responsive = _responsive(vae, cfg, plan)
+        with stage("tune: measuring before: round trip", progress):
             before = roundtrip_summary(vae, n=plan.roundtrip_samples, seed=cfg.seed + 1,
                                        rho=cfg.rho, responsive=responsive)
 

@@ -168,7 +168,8 @@ def test_sigterm_saves_the_state_says_how_to_resume_and_resumes_exactly(tmp_path
     # Off a terminal, progress is plain log lines: stage start/end, step lines, the end.
     assert re.search(r"tune: step 1/300 [\d.]+ it/s ETA \S+ .*loss .*cons/elem", r.stderr)
     assert "tune: step 300/300" in r.stderr and "steps done in" in r.stderr
-    assert re.search(r"tune: measuring before .*: done in", r.stderr)
+    assert re.search(r"tune: measuring before: decoder responses \(round trip n=128.* …", r.stderr)
+    assert re.search(r"tune: measuring before: round trip: done in [\d.]+ s", r.stderr)
 
     out = tmp_path / "stopped.safetensors"
     code, err = _run_until_progress(["tune", str(digits_model), "--out", str(out), *args],
@@ -198,3 +199,21 @@ def test_sigint_stops_train_with_130_and_quiet_silences_progress(tmp_path):
     r = run_cli("-q", *args, "--resume")
     assert r.returncode == 0 and out.exists(), r.stderr
     assert r.stderr == ""  # --quiet: no progress, no log lines
+
+
+def test_python_api_logs_progress_when_logging_is_not_configured(tmp_path, digits_model):
+    # A script under nohup/SLURM that calls selfconsist.tune(progress=True) and configures no
+    # logging still gets the plain progress lines on stderr; a configured logger wins.
+    code = ("import sys, selfconsist; from selfconsist import TuneConfig; "
+            "selfconsist.tune(sys.argv[1], TuneConfig(steps=20, batch_size=8, eval_samples=16, "
+            "device='cpu'))")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", code, str(digits_model)], capture_output=True,
+                       text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "tune: step 1/20" in r.stderr and "tune: step 20/20" in r.stderr
+    quiet = ("import logging; logging.getLogger('selfconsist').setLevel(logging.WARNING); "
+             + code)
+    r = subprocess.run([sys.executable, "-c", quiet, str(digits_model)], capture_output=True,
+                       text=True, env=env, timeout=300)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
