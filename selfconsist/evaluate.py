@@ -45,8 +45,7 @@ import logging
 import math
 import platform
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -62,7 +61,7 @@ from .adapters.base import VAEAdapter
 from .data import Dataset, check_matches, load_dataset
 from .errors import DataError, SelfconsistError
 from .io import atomic_output
-from .runtime import resolve_device
+from .runtime import Stages, resolve_device
 from .validate import require_finite
 
 #: How each metric's standard error is computed (a prefix matches metrics with ``@ε``/``@K``).
@@ -94,7 +93,8 @@ STDERR_METHODS: dict[str, str] = {
 #: metric (or prefix) → (short description, which way is better: "up", "down" or "").
 METRIC_INFO: dict[str, tuple[str, str]] = {
     "sample_roundtrip_mse": ("sample round-trip error ‖g(z₀) − g(μ(g(z₀)))‖²/D", "down"),
-    "latent_roundtrip_corr": ("latent round-trip correlation, all elements", "up"),
+    "latent_roundtrip_corr": ("latent round-trip correlation, all elements (includes elements "
+                              "the decoder ignores)", "up"),
     "latent_roundtrip_corr_responsive": ("latent round-trip correlation, responsive elements",
                                          "up"),
     "consistency_kl": ("KL(q(u|g(z₀)) ‖ N(ρu₀, 1−ρ²)) per element", "down"),
@@ -241,6 +241,9 @@ class EvalResult:
     figures: dict[str, str] = field(default_factory=dict)
 
 
+#: The attack of ``adv_shift``/``probe_acc_adv`` and of adversarial.png, in words.
+ATTACK = "ℓ∞ PGD on the latent shift ‖μ̂(x+δ) − μ̂(x)‖²"
+
 # --- stages and their seeds --------------------------------------------------------------------
 
 _STAGE_SEEDS = {"responsive": 1, "roundtrip": 2, "drift": 3, "shift": 4, "bootstrap": 5,
@@ -253,36 +256,9 @@ def _gen(seed: int, stage: str) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + _STAGE_SEEDS[stage])
 
 
-class _Stages:
-    """A rich progress bar over the evaluation stages, on stderr (or nothing)."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.enabled, self._bar = total, enabled, None
-
-    def __enter__(self) -> _Stages:
-        if self.enabled:
-            from rich import progress as rp
-            from rich.console import Console
-
-            self._bar = rp.Progress(rp.TextColumn("[bold]eval"), rp.BarColumn(),
-                                    rp.MofNCompleteColumn(), rp.TimeElapsedColumn(),
-                                    rp.TextColumn("{task.description}"),
-                                    console=Console(stderr=True))
-            self._bar.__enter__()
-            self._task = self._bar.add_task("", total=self.total)
-        return self
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        if self._bar is not None:
-            self._bar.update(self._task, description=name)
-        yield
-        if self._bar is not None:
-            self._bar.advance(self._task)
-
-    def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(*exc)
+def _Stages(total: int, enabled: bool) -> Stages:
+    """Progress over the evaluation stages (see :class:`selfconsist.runtime.Stages`)."""
+    return Stages(total, "eval", enabled)
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -406,16 +382,7 @@ def _stage_names(has_data: bool, has_labels: bool, has_images: bool = False) -> 
     return names
 
 
-def _corr_estimate(u0: Tensor, mu: Tensor, cols: Tensor | None, gen: torch.Generator,
-                   reps: int) -> M.Estimate:
-    """Mean per-element Pearson correlation (over ``cols``), bootstrapped over samples."""
-    if cols is not None:
-        u0, mu = u0[:, cols], mu[:, cols]
-    return M.bootstrap(lambda rows: float(M.per_element_corr(u0[rows], mu[rows]).mean()),
-                       (u0.shape[0],), gen, reps)
-
-
-def _evaluate_model(vae: VAEAdapter, cfg: EvalConfig, split: _Split | None, stages: _Stages,
+def _evaluate_model(vae: VAEAdapter, cfg: EvalConfig, split: _Split | None, stages: Stages,
                     label: str) -> tuple[dict[str, M.Estimate], dict[str, Any]]:
     s, bs = cfg.seed, cfg.batch_size
     rng = vae.data_range
@@ -438,11 +405,12 @@ def _evaluate_model(vae: VAEAdapter, cfg: EvalConfig, split: _Split | None, stag
     with stages.stage(f"{label}: sample round trip"):
         r = M.sample_roundtrip(vae, cfg.samples, _gen(s, "roundtrip"), cfg.rho, bs)
         out["sample_roundtrip_mse"] = M.Estimate.of(r["mse"])
-        out["latent_roundtrip_corr"] = _corr_estimate(r["u0"], r["mu_hat"], None,
-                                                      _gen(s, "bootstrap"), cfg.bootstrap)
+        # One definition (metrics.roundtrip_corr, as in tune); the responsive one leads.
         if mask.any():
-            out["latent_roundtrip_corr_responsive"] = _corr_estimate(
+            out["latent_roundtrip_corr_responsive"] = M.roundtrip_corr(
                 r["u0"], r["mu_hat"], mask, _gen(s, "bootstrap"), cfg.bootstrap)
+        out["latent_roundtrip_corr"] = M.roundtrip_corr(r["u0"], r["mu_hat"], None,
+                                                        _gen(s, "bootstrap"), cfg.bootstrap)
         out["consistency_kl"] = M.Estimate.of(r["consistency_kl"])
 
     with stages.stage(f"{label}: drift (samples)"):
@@ -458,11 +426,12 @@ def _evaluate_model(vae: VAEAdapter, cfg: EvalConfig, split: _Split | None, stag
         xs = M.decode_batched(vae, z0, bs).cpu()
         mu, _ = M.encode_mean(vae, xs, bs)
         den = M.code_pair_distance(mu)
+        kept: dict[float, Tensor] = {}
         for eps in eps_list:
-            shift, x_adv = M.adversarial_shift(vae, xs, eps, cfg.pgd_steps, g, bs, keep=keep)
+            shift, kept[eps] = M.adversarial_shift(vae, xs, eps, cfg.pgd_steps, g, bs, keep=keep)
             out[f"adv_shift@{eps:g}"] = M.ratio_estimate(M.Estimate.of(shift), den)
-        art["adv"] = {"source": "model samples", "eps": eps_list[-1], "x": xs[:keep],
-                      "x_adv": x_adv}
+        art["adv"] = {"source": "model samples", "attack": f"{ATTACK}, {cfg.pgd_steps} steps of ε/8",
+                      "eps": list(eps_list), "x": xs[:keep], "x_adv": kept}
 
     if split is not None:
         test_x = _to_model_range(split.test_x, rng)
@@ -505,6 +474,7 @@ def _evaluate_model(vae: VAEAdapter, cfg: EvalConfig, split: _Split | None, stag
         with stages.stage(f"{label}: PGD shift (data)"):
             den = M.code_pair_distance(mu)
             g = _gen(s, "shift_data")
+            kept = {}
             for eps in eps_list:
                 correct: list[Tensor] = []
 
@@ -514,13 +484,20 @@ def _evaluate_model(vae: VAEAdapter, cfg: EvalConfig, split: _Split | None, stag
                     y = split.test_y[start : start + xa.shape[0]]
                     correct.append(M.probe_correct(vae, probe, xa, y, bs))
 
-                shift, x_adv = M.adversarial_shift(vae, test_x, eps, cfg.pgd_steps, g, bs, keep=keep,
-                                                   on_batch=score if probe is not None else None)
+                shift, kept[eps] = M.adversarial_shift(
+                    vae, test_x, eps, cfg.pgd_steps, g, bs, keep=keep,
+                    on_batch=score if probe is not None else None)
                 out[f"adv_shift_data@{eps:g}"] = M.ratio_estimate(M.Estimate.of(shift), den)
                 if probe is not None:
                     out[f"probe_acc_adv@{eps:g}"] = M.binomial_estimate(torch.cat(correct))
-            art["adv"] = {"source": "held-out data", "eps": eps_list[-1], "x": test_x[:keep],
-                          "x_adv": x_adv}
+            art["adv"] = {"source": "held-out data",
+                          "attack": f"{ATTACK}, {cfg.pgd_steps} steps of ε/8",
+                          "eps": list(eps_list), "x": test_x[:keep], "x_adv": kept}
+            if probe is not None:  # what the probe reads before and after each attack
+                art["adv"]["labels"] = split.test_y[:keep].clone()
+                art["adv"]["pred"] = M.probe_predict(vae, probe, test_x[:keep], bs)
+                art["adv"]["pred_adv"] = {e: M.probe_predict(vae, probe, xa, bs)
+                                          for e, xa in kept.items()}
 
         if probe is not None:
             with stages.stage(f"{label}: PGD on the probe"):
@@ -533,7 +510,8 @@ def _evaluate_model(vae: VAEAdapter, cfg: EvalConfig, split: _Split | None, stag
 
     if art["adv"]["x"].numel():
         art["adv"]["rec"] = M.reconstruct(vae, art["adv"]["x"], bs)
-        art["adv"]["rec_adv"] = M.reconstruct(vae, art["adv"]["x_adv"], bs)
+        art["adv"]["rec_adv"] = {e: M.reconstruct(vae, xa, bs)
+                                 for e, xa in art["adv"]["x_adv"].items()}
     return out, art
 
 
@@ -550,12 +528,15 @@ def _fmt(v: float | None, se: float | None = None) -> str:
 
 def render_table(metrics: dict[str, Any], names: list[str] | None = None) -> str:
     """The metrics of metrics.json as a markdown table: one row per metric, one column per
-    model, and (for two models) the change from the first to the second.
+    model, and (for two models) the change from the first to the second and its verdict
+    (:mod:`selfconsist.report`: better, worse or no significant change given the standard
+    errors).
 
     ``metrics`` is the metrics.json dict (``{"models": {NAME: {metric: {"value", "stderr"}}}}``)
-    or just its ``"models"`` part. Values read ``value ± stderr``; the arrow says which way is
-    better. This is the table of report.md and of the Hub model card.
+    or just its ``"models"`` part. Values read ``value ± stderr``; the last column says which
+    way is better. This is the table of report.md and of the Hub model card.
     """
+    from .report import verdict
     models = metrics.get("models", metrics)
     names = list(models) if names is None else names
     keys: list[str] = []
@@ -563,10 +544,11 @@ def render_table(metrics: dict[str, Any], names: list[str] | None = None) -> str
         keys += [k for k in models[n] if k not in keys]
     head = ["metric", *names]
     if len(names) == 2:
-        head.append("change")
+        head += ["change", "verdict"]
     head.append("better")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    arrows = {"up": "↑", "down": "↓", "": ""}
+    arrows = {"up": "↑ higher", "down": "↓ lower", "": ""}
+    marks = {"better": "**better**", "worse": "**worse**"}
     for k in keys:
         cells = [f"`{k}`"]
         vals = []
@@ -577,10 +559,12 @@ def render_table(metrics: dict[str, Any], names: list[str] | None = None) -> str
         if len(names) == 2:
             a, b = vals
             if a is None or b is None:
-                cells.append("–")
+                cells += ["–", "–"]
             else:
                 rel = f" ({(b - a) / abs(a) * 100:+.0f}%)" if abs(a) > 1e-12 else ""
                 cells.append(f"{b - a:+.4g}{rel}")
+                v = verdict(k, models[names[0]][k], models[names[1]][k]).verdict
+                cells.append(marks.get(v, v))
         info = _lookup(METRIC_INFO, k)
         cells.append(arrows[info[1]] if info else "")
         lines.append("| " + " | ".join(cells) + " |")
@@ -621,9 +605,17 @@ def render_report(metrics: dict[str, Any], figures: dict[str, str] | None = None
                      "latent is large): every element of a channel shares its verdict")
     if metrics.get("warnings"):
         lines += ["", "## Warnings", ""] + [f"> {w}" for w in metrics["warnings"]]
+    if len(names) == 2:
+        from .report import summary_lines
+
+        a, b = (metrics["models"][n] for n in names)
+        lines += ["", f"## Summary: {names[1]} against {names[0]}", "",
+                  *[f"- {line}" for line in summary_lines(a, b)]]
     lines += ["", "## Metrics", "", render_table(metrics, names)]
-    lines += ["Values are `value ± standard error`. ↑/↓: which way is better; counts without an "
-              "arrow describe the model rather than rank it. A robustness number counts only "
+    lines += ["Values are `value ± standard error`. ↑ higher / ↓ lower: which way is better; "
+              "counts without an arrow describe the model rather than rank it. A change counts "
+              "(better or worse) when |Δ| > 2·√(se₁² + se₂²); otherwise it is within the noise. "
+              "A robustness number counts only "
               "beside reconstruction, active units and probe accuracy (a constant encoder is "
               "perfectly robust and useless).", "", "| metric | meaning | standard error |",
               "|---|---|---|"]
@@ -637,10 +629,14 @@ def render_report(metrics: dict[str, Any], figures: dict[str, str] | None = None
     if figures:
         lines += ["", "## Figures", ""]
         captions = {
-            "roundtrip": "Model samples x = g(z₀) and their re-encodings g(μ(x))",
+            "roundtrip": "Model samples x = g(z₀), their re-encodings g(μ(x)), the difference "
+                         "|x − g(μ(x))| and the per-image error",
             "drift": "Drift chains x₀, x₁ = g(μ(x₀)), …, x_K",
-            "adversarial": "Clean and PGD-attacked inputs with their decodings",
-            "metrics": "Metrics side by side (error bars: ±1 standard error)",
+            "adversarial": "Clean and PGD-attacked inputs with their decodings, at every ε "
+                           "(label and probe prediction above each input)",
+            "metrics": "Each metric as the ratio of the second model to the first "
+                       "(error bars: ±1 standard error; green better, red worse, grey within "
+                       "the noise)",
             "cycles": "Real images through K encode → decode cycles: PSNR against the original",
         }
         for key, fname in figures.items():
@@ -785,6 +781,7 @@ def evaluate(model: Any, compare: Any = None, *, data: Any = None, labels: Any =
                 "warnings": warnings,
                 "stderr_methods": {k: _lookup(STDERR_METHODS, k)
                                    for r in results.values() for k in r},
+                "definitions": dict(M.DEFINITIONS),
                 "versions": _versions(),
                 "timing_s": timing,
             }

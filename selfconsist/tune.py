@@ -29,7 +29,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -61,9 +60,13 @@ from .runtime import (
     autocast,
     check_finite,
     cpu_fast_path,
+    current_stop,
+    log,
     nonfinite_stop,
     resolve_device,
     set_channels_last,
+    stage,
+    stoppable,
 )
 from .validate import require_finite
 
@@ -351,6 +354,7 @@ def _input_sha(vae: VAEAdapter) -> str | None:
 
 
 @locks_output
+@stoppable("tune")
 def tune(vae: VAEAdapter | Any, cfg: TuneConfig | None = None, out: str | Path | None = None, *,
          resume: bool = False, overwrite: bool = False, progress: bool = True,
          metadata: dict[str, str] | None = None) -> TuneResult:
@@ -413,12 +417,13 @@ def tune(vae: VAEAdapter | Any, cfg: TuneConfig | None = None, out: str | Path |
         responsive = state["responsive"]
         mu_base = state["mu_base"]
     else:
-        if progress:  # the measurement can take a while on a big model: say what it is doing
-            print(f"tune: measuring before ({plan.describe()})", file=sys.stderr, flush=True)
-        responsive = _responsive(vae, cfg, plan)
-        before = roundtrip_summary(vae, n=plan.roundtrip_samples, seed=cfg.seed + 1, rho=cfg.rho,
-                                   responsive=responsive)
-        mu_base = _encode_all(vae, _shift_inputs(vae, images, cfg, SHIFT_SAMPLES))[0]
+        # The measurement can take a while on a big model: say what it is doing, and how long.
+        with stage("tune: measuring before: decoder responses", progress, plan.describe()):
+            responsive = _responsive(vae, cfg, plan)
+        with stage("tune: measuring before: round trip", progress):
+            before = roundtrip_summary(vae, n=plan.roundtrip_samples, seed=cfg.seed + 1,
+                                       rho=cfg.rho, responsive=responsive)
+            mu_base = _encode_all(vae, _shift_inputs(vae, images, cfg, SHIFT_SAMPLES))[0]
 
     def save_state(step: int) -> None:
         if state_file is not None:
@@ -428,10 +433,20 @@ def tune(vae: VAEAdapter | Any, cfg: TuneConfig | None = None, out: str | Path |
                                "encoder": vae.encoder_state(), "optimizer": opt.state_dict(),
                                "scheduler": sched.state_dict(), "rng": rng_state(gen)}, state_file)
 
+    # SIGINT/SIGTERM: a signal during a step is acted on at the step's end; anywhere after
+    # this point the state of the last finished step is saved, so --resume continues from it.
+    signals, done = current_stop(), start
+
+    def checkpoint() -> tuple[int, Path | None]:
+        save_state(done)
+        return done, state_file
+
+    if state_file is not None:
+        signals.checkpoint = checkpoint
     modules = vae.encoder_modules() + vae.decoder_modules()
     set_channels_last(modules, fast)
     running = None
-    with Progress(cfg.steps, "tune", enabled=progress, start=start) as bar:
+    with Progress(cfg.steps, "tune", enabled=progress, start=start) as bar, signals.deferred():
         for step in range(start, cfg.steps):
             z0, idx = source.sample(cfg.batch_size, gen)
             anchor_x = images[idx].to(device) if anchor_q is not None else None
@@ -451,24 +466,28 @@ def tune(vae: VAEAdapter | Any, cfg: TuneConfig | None = None, out: str | Path |
             loss.backward()
             opt.step()
             sched.step()
+            done = step + 1
             if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
                 save_state(step + 1)
+                log.debug("tune: saved the resumable state at step %d to %s", step + 1, state_file)
             # Running consistency figure: −C(x)/d, the coupling KL per latent element.
             cons = -terms["coupling"].mean().item() / d
             running = cons if running is None else 0.95 * running + 0.05 * cons
             if step % 10 == 0 or step + 1 == cfg.steps:
-                bar.update(step + 1, {"loss": loss.item(), "log_lik": terms["log_lik"].mean().item(),
+                # The first terms are the ones an 80-column bar keeps.
+                bar.update(step + 1, {"loss": loss.item(), "cons/elem": running,
+                                      "log_lik": terms["log_lik"].mean().item(),
                                       "kl": terms["kl"].mean().item(),
-                                      "C": terms["coupling"].mean().item(), "cons/elem": running,
+                                      "C": terms["coupling"].mean().item(),
                                       **({"anchor": terms["anchor"].mean().item()}
                                          if "anchor" in terms else {})})
+            signals.check()
 
     set_channels_last(modules, False)
-    if progress:
-        print("tune: measuring after", file=sys.stderr, flush=True)
-    after = roundtrip_summary(vae, n=plan.roundtrip_samples, seed=cfg.seed + 1, rho=cfg.rho,
-                              responsive=responsive)
-    mu_tuned = _encode_all(vae, _shift_inputs(vae, images, cfg, SHIFT_SAMPLES))[0]
+    with stage("tune: measuring after", progress):
+        after = roundtrip_summary(vae, n=plan.roundtrip_samples, seed=cfg.seed + 1, rho=cfg.rho,
+                                  responsive=responsive)
+        mu_tuned = _encode_all(vae, _shift_inputs(vae, images, cfg, SHIFT_SAMPLES))[0]
     shift = _latent_shift(mu_base, mu_tuned)
     shift["on"] = "images" if images is not None else "decoded prior samples"
     warning = shift_warning(shift["value"], shift["on"])
@@ -490,9 +509,11 @@ def tune(vae: VAEAdapter | Any, cfg: TuneConfig | None = None, out: str | Path |
                 META_PREFIX + "metrics": json_meta({"before": before, "after": after,
                                                     "latent_shift": shift}),
                 **(metadata or {})}
-        with atomic_output(out, overwrite=overwrite) as tmp:
-            vae.save(tmp, meta)
-        if state_file is not None:
-            state_file.unlink(missing_ok=True)
+        with signals.deferred():  # OUT is whole or absent; a signal now lets the run finish
+            with atomic_output(out, overwrite=overwrite) as tmp:
+                vae.save(tmp, meta)
+            signals.checkpoint = None
+            if state_file is not None:
+                state_file.unlink(missing_ok=True)
     return TuneResult(vae=vae, before=before, after=after, out=out, latent_shift=shift,
                       model=native_like(vae, given))

@@ -95,7 +95,7 @@ def main() -> None:
     else:
         from table import write_table
 
-        write_table(root, names, Path(args.heldout), args.out)
+        write_table(root, names, Path(args.heldout), args.out, Path(args.testbed))
 
 
 if __name__ == "__main__":

@@ -14,9 +14,9 @@ def measure(base, tuned, x: torch.Tensor) -> dict[str, dict[str, float]]:
     """Held-out figures of ``tuned`` (and of ``base`` when ``tuned is base``)."""
     from selfconsist.realimage import cycle_metrics, latent_compatibility
 
-    m = cycle_metrics(tuned, x, (1, 2, 5, 10))
+    m = {k: e.as_dict() for k, e in cycle_metrics(tuned, x, (1, 2, 5, 10)).estimates.items()}
     if tuned is not base:
-        m.update(latent_compatibility(base, tuned, x))
+        m.update({k: e.as_dict() for k, e in latent_compatibility(base, tuned, x).items()})
         # img2img pipelines *sample* the posterior, so its width matters too: the geometric-mean
         # ratio σ_tuned/σ_base over elements, per image.
         with torch.no_grad():
@@ -32,12 +32,13 @@ def fmt(e: dict[str, float] | None, digits: int = 2) -> str:
     return f"{e['value']:.{digits}f} ± {e['stderr']:.{digits}f}"
 
 
-def write_table(root: Path, names: list[str], heldout: Path, out: str | None) -> None:
+def write_table(root: Path, names: list[str], heldout: Path, out: str | None,
+                testbed: Path = HERE / "testbed-vae") -> None:
     import selfconsist
     from selfconsist.data import load_image_folder
 
-    base = selfconsist.load(str(HERE / "testbed-vae"))
-    x = load_image_folder(heldout, base.data_shape[1:], fit="crop").x * 2 - 1
+    base = selfconsist.load(str(testbed))
+    x = load_image_folder(heldout, tuple(base.data_shape), fit="crop", data_range=base.data_range).x
     rows = [("base (not tuned)", measure(base, base, x), None)]
     for name in names:
         path = root / "".join(c if c.isalnum() else "_" for c in name).strip("_")

@@ -89,7 +89,6 @@ def eval_command(
     trust_remote_code: bool = TrustOpt,
     no_figures: bool = typer.Option(False, "--no-figures", help="Skip the PNG figures."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     fast: bool = typer.Option(False, "--fast", help="Quick check: 256 samples, 5 PGD steps, "
                               "16 probe samples, 50 bootstrap resamples, 16 real images (where "
                               "left at the defaults)."),
@@ -112,7 +111,7 @@ def eval_command(
     if fast:
         cfg = fast_config(cfg)
     result = evaluate(model, compare, data=data, labels=labels, out=out, config=cfg, name=name,
-                      compare_name=compare_name, overwrite=overwrite, progress=not quiet,
+                      compare_name=compare_name, overwrite=overwrite, progress=True,
                       adapter=adapter, compare_adapter=compare_adapter,
                       trust_remote_code=trust_remote_code,
                       load_options=(load or LoadOptions()).adapter_options())
