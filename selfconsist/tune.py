@@ -71,7 +71,7 @@ from .runtime import (
 from .validate import require_finite
 
 SCHEDULES = ("constant", "cosine", "linear")
-SHIFT_SAMPLES = 64  # inputs on which tune measures the latent shift (two encoder passes)
+SHIFT_SAMPLES = 64  # --images on which tune measures the latent shift (two encoder passes)
 
 
 @dataclass
@@ -148,8 +148,9 @@ class TuneResult:
     before: dict[str, dict[str, float]]
     after: dict[str, dict[str, float]]
     out: Path | None = None
-    #: Mean |μ_tuned − μ_base| in base-latent standard deviations, on the --images (when given)
-    #: or on decoded prior samples; see :func:`selfconsist.realimage.latent_shift_per_image`.
+    #: Mean |μ_tuned − μ_base| in base-latent standard deviations on the first 64 --images (None
+    #: without them: `selfconsist eval --compare --data` measures it on held-out real images);
+    #: see :func:`selfconsist.realimage.latent_shift_per_image`.
     latent_shift: dict[str, float] | None = None
     #: The tuned model in the kind the caller passed: for an in-memory diffusers/pythae model
     #: the tuned copy (in the caller's dtype and device); otherwise the adapter (``vae``).
@@ -318,16 +319,6 @@ def posthoc_terms(vae: VAEAdapter, z0: Tensor, cfg: TuneConfig, obs_var: float,
     return terms
 
 
-@torch.no_grad()
-def _shift_inputs(vae: VAEAdapter, images: Tensor | None, cfg: TuneConfig, n: int) -> Tensor:
-    """Inputs on which tune measures the latent shift: the user's images, else decoded prior
-    samples (a data-free proxy; `selfconsist eval --data` measures it on real images)."""
-    if images is not None:
-        return images[:n]
-    z = vae.sample_prior(n, torch.Generator().manual_seed(cfg.seed + 3))
-    return torch.cat([vae.decode(z[i:i + 32]).float().cpu() for i in range(0, n, 32)])
-
-
 def _latent_shift(mu_base: Tensor, mu_tuned: Tensor) -> dict[str, float]:
     per = latent_shift_per_image(mu_base, mu_tuned, channel_std(mu_base))
     se = float(per.std() / math.sqrt(per.numel())) if per.numel() > 1 else float("nan")
@@ -423,7 +414,9 @@ def tune(vae: VAEAdapter | Any, cfg: TuneConfig | None = None, out: str | Path |
         with stage("tune: measuring before: round trip", progress):
             before = roundtrip_summary(vae, n=plan.roundtrip_samples, seed=cfg.seed + 1,
                                        rho=cfg.rho, responsive=responsive)
-            mu_base = _encode_all(vae, _shift_inputs(vae, images, cfg, SHIFT_SAMPLES))[0]
+            # Where real images move is what a diffusion model trained on the base latents
+            # sees. Decoded samples are no proxy: moving their latents is the point of tuning.
+            mu_base = _encode_all(vae, images[:SHIFT_SAMPLES])[0] if images is not None else None
 
     def save_state(step: int) -> None:
         if state_file is not None:
@@ -487,12 +480,13 @@ def tune(vae: VAEAdapter | Any, cfg: TuneConfig | None = None, out: str | Path |
     with stage("tune: measuring after", progress):
         after = roundtrip_summary(vae, n=plan.roundtrip_samples, seed=cfg.seed + 1, rho=cfg.rho,
                                   responsive=responsive)
-        mu_tuned = _encode_all(vae, _shift_inputs(vae, images, cfg, SHIFT_SAMPLES))[0]
-    shift = _latent_shift(mu_base, mu_tuned)
-    shift["on"] = "images" if images is not None else "decoded prior samples"
-    warning = shift_warning(shift["value"], shift["on"])
-    if warning:
-        logging.getLogger("selfconsist").warning(warning)
+        shift = None
+        if mu_base is not None:
+            shift = _latent_shift(mu_base, _encode_all(vae, images[:SHIFT_SAMPLES])[0])
+            shift["on"] = f"the {min(len(images), SHIFT_SAMPLES)} --images"
+            warning = shift_warning(shift["value"], shift["on"])
+            if warning:
+                logging.getLogger("selfconsist").warning(warning)
     for p, p0 in zip(vae.decoder_parameters(), decoder_before, strict=True):
         if not torch.equal(p.detach().cpu(), p0):  # a guard on our promise, not expected to fire
             raise RuntimeError("the decoder changed during tuning; refusing to write the result")

@@ -66,16 +66,24 @@ def test_base_copy_is_frozen_and_independent():
     assert encoder_distance(base, tiny_vae()) == 0.0
 
 
+def _shift(a: DiffusersVAE, b: DiffusersVAE) -> float:
+    from selfconsist.realimage import channel_std, latent_shift_per_image
+
+    with torch.no_grad():
+        x = b.decode(b.sample_prior(8, torch.Generator().manual_seed(5)))
+        mu_a, mu_b = a.encode(x).mean, b.encode(x).mean
+    return float(latent_shift_per_image(mu_b, mu_a, channel_std(mu_b)).mean())
+
+
 def test_huge_anchor_keeps_the_encoder_at_the_base():
+    q = {**QUICK, "lr": 1e-3, "steps": 30}
     free, anchored, ref = tiny_vae(), tiny_vae(), tiny_vae()
-    tune(free, TuneConfig(**QUICK), progress=False)
-    res = tune(anchored, TuneConfig(anchor=1e6, **QUICK), progress=False)
-    moved, kept = encoder_distance(free, ref), encoder_distance(anchored, ref)
-    # Adam's first steps move every weight by about lr whatever the loss scale, so compare the
-    # latents: the anchored encoder's must stay far closer to the base's than the free one's.
-    assert kept <= moved
-    free_shift = tune(tiny_vae(), TuneConfig(**QUICK), progress=False).latent_shift["value"]
-    assert res.latent_shift["value"] < 0.5 * free_shift
+    tune(free, TuneConfig(**q), progress=False)
+    tune(anchored, TuneConfig(anchor=1e6, **q), progress=False)
+    # Adam's steps have a size of about lr whatever the loss scale (and the anchor's gradient is
+    # 0 at the first step), so an anchored encoder jitters within about one step of the base
+    # while a free one keeps moving away: compare the latents of the same inputs.
+    assert _shift(anchored, ref) < 0.2 * _shift(free, ref)
 
 
 def test_latent_shift_is_reported_and_recorded(tmp_path):
@@ -84,9 +92,11 @@ def test_latent_shift_is_reported_and_recorded(tmp_path):
     vae = tiny_vae()
     out = tmp_path / "t"
     res = tune(vae, TuneConfig(**QUICK), out, progress=False)
-    assert res.latent_shift["on"] == "decoded prior samples"
+    assert res.latent_shift is None  # data-free: decoded samples are no proxy for real images
+    res = tune(tiny_vae(), TuneConfig(images=str(_png_folder(tmp_path / "imgs")), **QUICK),
+               tmp_path / "t2", progress=False)
     assert res.latent_shift["value"] > 0 and math.isfinite(res.latent_shift["stderr"])
-    header = read_safetensors_header(out / "diffusion_pytorch_model.safetensors")
+    header = read_safetensors_header(tmp_path / "t2" / "diffusion_pytorch_model.safetensors")
     import json
 
     metrics = json.loads(header["__metadata__"][META_PREFIX + "metrics"])
@@ -128,7 +138,7 @@ def test_images_posteriors_and_anchor_on_images(tmp_path):
     z, idx = src.sample(4, torch.Generator().manual_seed(0))
     assert src.kind == "images" and idx is not None and z.shape == (4, *vae.latent_shape)
     res = tune(vae, cfg, progress=False)
-    assert res.latent_shift["on"] == "images"
+    assert res.latent_shift["on"] == "the 3 --images"
 
 
 def _run_cli(*args: str):

@@ -193,6 +193,7 @@ def _print_table(before: dict, after: dict, shift: dict | None = None) -> None:
         console.print(row)
     console.print(Text("  (a change counts when |Δ| > 2·√(se_before² + se_after²))"))
     if shift is not None:
-        console.print(Text(f"  latent shift on {shift['on']}: {shift['value']:.3f} ± "
-                           f"{shift['stderr']:.2g} base-latent std (lower is better; measure real "
-                           "images with `selfconsist eval --data`)"))
+        console.print(Text(f"  latent shift on {shift['on']} (lower is better)", style="bold"))
+        console.print(Text(f"      {shift['value']:.3f} ± {shift['stderr']:.2g} of the base "
+                           "latents' standard deviation"))
+    console.print(Text("  Real images: selfconsist eval MODEL --compare OUT --data IMAGES"))
