@@ -420,15 +420,18 @@ def _evaluate_model(vae: VAEAdapter, cfg: EvalConfig, split: _Split | None, stag
         out[f"drift@{cfg.drift_k}"] = M.Estimate.of(drift)
         art["sample_chains"] = chains
 
-    with stages.stage(f"{label}: PGD shift (samples)"):
+    with stages.stage(f"{label}: PGD shift (samples)") as tick:
         g = _gen(s, "shift")
         z0 = vae.sample_prior(cfg.samples, g)
         xs = M.decode_batched(vae, z0, bs).cpu()
         mu, _ = M.encode_mean(vae, xs, bs)
         den = M.code_pair_distance(mu)
         kept: dict[float, Tensor] = {}
-        for eps in eps_list:
-            shift, kept[eps] = M.adversarial_shift(vae, xs, eps, cfg.pgd_steps, g, bs, keep=keep)
+        n_b = math.ceil(xs.shape[0] / bs)  # progress in attacked batches, over every ε
+        for k, eps in enumerate(eps_list):
+            shift, kept[eps] = M.adversarial_shift(
+                vae, xs, eps, cfg.pgd_steps, g, bs, keep=keep,
+                on_batch=lambda i, _xa, k=k: tick(k * n_b + i // bs + 1, len(eps_list) * n_b))
             out[f"adv_shift@{eps:g}"] = M.ratio_estimate(M.Estimate.of(shift), den)
         art["adv"] = {"source": "model samples", "attack": f"{ATTACK}, {cfg.pgd_steps} steps of ε/8",
                       "eps": list(eps_list), "x": xs[:keep], "x_adv": kept}
@@ -471,22 +474,25 @@ def _evaluate_model(vae: VAEAdapter, cfg: EvalConfig, split: _Split | None, stag
                 out["probe_acc"] = M.binomial_estimate(
                     M.probe_correct(vae, probe, test_x, split.test_y, bs))
 
-        with stages.stage(f"{label}: PGD shift (data)"):
+        with stages.stage(f"{label}: PGD shift (data)") as tick:
             den = M.code_pair_distance(mu)
             g = _gen(s, "shift_data")
             kept = {}
-            for eps in eps_list:
+            n_b = math.ceil(test_x.shape[0] / bs)
+            for k, eps in enumerate(eps_list):
                 correct: list[Tensor] = []
 
-                def score(start: int, xa: Tensor, correct: list[Tensor] = correct) -> None:
+                def score(start: int, xa: Tensor, correct: list[Tensor] = correct,
+                          k: int = k) -> None:
                     # The paper's threat model: the attacker moves the code as far as it can
                     # and does not know the downstream probe; score the probe on those inputs.
-                    y = split.test_y[start : start + xa.shape[0]]
-                    correct.append(M.probe_correct(vae, probe, xa, y, bs))
+                    if probe is not None:
+                        y = split.test_y[start : start + xa.shape[0]]
+                        correct.append(M.probe_correct(vae, probe, xa, y, bs))
+                    tick(k * n_b + start // bs + 1, len(eps_list) * n_b)
 
                 shift, kept[eps] = M.adversarial_shift(
-                    vae, test_x, eps, cfg.pgd_steps, g, bs, keep=keep,
-                    on_batch=score if probe is not None else None)
+                    vae, test_x, eps, cfg.pgd_steps, g, bs, keep=keep, on_batch=score)
                 out[f"adv_shift_data@{eps:g}"] = M.ratio_estimate(M.Estimate.of(shift), den)
                 if probe is not None:
                     out[f"probe_acc_adv@{eps:g}"] = M.binomial_estimate(torch.cat(correct))

@@ -310,10 +310,16 @@ def stage(message: str, enabled: bool = True, detail: str = "") -> Iterator[None
 class Stages:
     """Progress over a known number of stages (``eval``): a rich bar with the current stage on
     a terminal; otherwise one log line when a stage starts and one with its duration when it
-    ends. Disabled (or under ``--quiet``) it shows nothing."""
+    ends. Disabled (or under ``--quiet``) it shows nothing.
 
-    def __init__(self, total: int, description: str, enabled: bool = True) -> None:
-        self.total, self.description = total, description
+    ``stage()`` yields a ``tick(done, total)`` function for long stages: on a terminal it shows
+    ``(done/total)`` beside the stage's name; in a log, one line with the ETA at most every
+    ``seconds``.
+    """
+
+    def __init__(self, total: int, description: str, enabled: bool = True,
+                 seconds: float = 30.0) -> None:
+        self.total, self.description, self.seconds = total, description, seconds
         self.enabled = enabled and not silenced()
         self._bar: Any = None
         self.done = 0
@@ -335,14 +341,27 @@ class Stages:
         return self
 
     @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
+    def stage(self, name: str) -> Iterator[Callable[[int, int], None]]:
         t0 = time.monotonic()
         where = f"{self.description} [{self.done + 1}/{self.total}] {name}"
         if self._bar is not None:
             self._bar.update(self._task, description=name)
         elif self.enabled:
             log.info("%s …", where)
-        yield
+        last = [t0]
+
+        def tick(done: int, total: int) -> None:
+            if self._bar is not None:
+                self._bar.update(self._task, description=f"{name} ({done}/{total})")
+                return
+            now = time.monotonic()
+            if not self.enabled or now - last[0] < self.seconds or done >= total:
+                return
+            last[0] = now
+            eta = (total - done) * (now - t0) / done if done > 0 else float("nan")
+            log.info("%s: %d/%d, ETA %s", where, done, total, format_duration(eta))
+
+        yield tick
         self.done += 1
         if self._bar is not None:
             self._bar.advance(self._task)

@@ -217,3 +217,20 @@ def test_python_api_logs_progress_when_logging_is_not_configured(tmp_path, digit
     r = subprocess.run([sys.executable, "-c", quiet, str(digits_model)], capture_output=True,
                        text=True, env=env, timeout=300)
     assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
+def test_long_stages_report_their_own_progress(records) -> None:
+    from selfconsist.runtime import Stages
+
+    with Stages(2, "eval", seconds=0.0) as stages:
+        with stages.stage("model: PGD shift (samples)") as tick:
+            for done in range(1, 5):
+                tick(done, 4)
+        with stages.stage("report"):
+            pass
+    lines = records()
+    assert lines[0] == "eval [1/2] model: PGD shift (samples) …"
+    ticks = [ln for ln in lines if re.search(r"\d/4, ETA", ln)]
+    assert [ln.split(": ")[-1].split(",")[0] for ln in ticks] == ["1/4", "2/4", "3/4"]
+    assert re.match(r"eval \[1/2\] model: PGD shift \(samples\): done in [\d.]+ s$", lines[4])
+    assert lines[-1].startswith("eval: 2 stages done in")

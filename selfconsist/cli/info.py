@@ -56,12 +56,14 @@ def info(
 
 
 def readable(v: Any) -> str:
-    """A value as a person reads it: 4 significant digits, ``v ± se`` for an estimate, lists
+    """A value as a person reads it: short floats as written, long ones to 4 significant
+    digits, ``v ± se`` for an estimate, lists
     as ``[a, b]``, small dicts as ``k: v, …``, no JSON quoting or escapes."""
     if isinstance(v, bool) or v is None:
         return {True: "yes", False: "no", None: "–"}[v]
     if isinstance(v, float):
-        return f"{v:.4g}"
+        short = repr(v)  # a config value such as 0.18215 stays exact; measurements get 4 digits
+        return short if len(short.lstrip("-")) <= 8 else f"{v:.4g}"
     if isinstance(v, int):
         return f"{v:,}" if abs(v) >= 10_000 else str(v)
     if isinstance(v, (list, tuple)):
