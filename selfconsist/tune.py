@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import __version__
+from . import __version__, distributed
 from . import objective as obj
 from .adapters.base import VAEAdapter, randn
 from .budget import MeasurementPlan, plan_measurement
@@ -231,6 +231,10 @@ def tune(vae: VAEAdapter | Any, cfg: TuneConfig | None = None, out: str | Path |
     state_file = state_path_for(out) if out is not None else None
 
     device = resolve_device(cfg.device)
+    # torchrun: join the process group; rank 0 alone measures, prints and writes (see distributed)
+    dist = distributed.setup(device)
+    device = dist.place(device)
+    progress = progress and dist.is_main
     autocast(device, cfg.precision)  # validates precision against the device early
     vae.to(device)
     vae.set_prior(cfg.prior)
@@ -249,19 +253,27 @@ def tune(vae: VAEAdapter | Any, cfg: TuneConfig | None = None, out: str | Path |
     fast = cpu_fast_path(device, cfg.precision)
     opt = torch.optim.Adam(params, lr=cfg.lr, fused=True if fast else None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(distributed.rank_seed(cfg.seed, dist.rank))
     start = 0
 
     if resume:
         state = load_state(state_file, config=json_meta(asdict(cfg)))
         if state.get("input_sha256") != input_sha:
             raise SelfconsistError(f"{state_file} belongs to another input model")
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != dist.world_size:  # each rank's z₀ stream lives in the state
+            raise SelfconsistError(
+                f"{state_file} was written by a {saved_world}-process run; resume it with "
+                f"{saved_world} process(es) (torchrun --nproc-per-node {saved_world}), "
+                f"not {dist.world_size}")
         vae.load_encoder_state(state["encoder"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        set_rng_state(gen, state["rng"])
+        set_rng_state(gen, state["rng_ranks"][dist.rank] if dist.active else state["rng"])
         start, before = int(state["step"]), state["before"]
         responsive = state["responsive"]
+    elif not dist.is_main:  # rank 0 measures; the others go straight to the first collective
+        responsive, before = None, {}
     else:
         if progress:  # the measurement can take a while on a big model: say what it is doing
             print(f"tune: measuring before ({plan.describe()})", file=sys.stderr, flush=True)
@@ -271,11 +283,17 @@ def tune(vae: VAEAdapter | Any, cfg: TuneConfig | None = None, out: str | Path |
 
     def save_state(step: int) -> None:
         if state_file is not None:
+            rngs = dist.gather(rng_state(gen))  # a collective: every rank calls save_state
+            if not dist.is_main:
+                return
             atomic_torch_save({"config": json_meta(asdict(cfg)), "step": step,
                                "input_sha256": input_sha, "before": before,
-                               "responsive": responsive,
+                               "responsive": responsive, "world_size": dist.world_size,
+                               "rng_ranks": rngs,
                                "encoder": vae.encoder_state(), "optimizer": opt.state_dict(),
-                               "scheduler": sched.state_dict(), "rng": rng_state(gen)}, state_file)
+                               "scheduler": sched.state_dict(), "rng": rngs[0]}, state_file)
+
+    dist.broadcast_(params)  # the same start on every rank, as DDP would ensure
 
     modules = vae.encoder_modules() + vae.decoder_modules()
     set_channels_last(modules, fast)
@@ -293,11 +311,12 @@ def tune(vae: VAEAdapter | Any, cfg: TuneConfig | None = None, out: str | Path |
                                        cfg.lambda_rec)
             loss = -bound.mean()
             try:
-                check_finite(step, loss)
+                check_finite(step, dist.mean(loss))  # every rank stops together
             except NonFiniteLossError as e:
                 raise nonfinite_stop(e, out, state_file) from None
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            dist.average_gradients(params)  # g = (1/N) Σ_r g_r: N × B acts as one batch N·B
             opt.step()
             sched.step()
             if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
@@ -313,6 +332,8 @@ def tune(vae: VAEAdapter | Any, cfg: TuneConfig | None = None, out: str | Path |
     set_channels_last(modules, False)
     if progress:
         print("tune: measuring after", file=sys.stderr, flush=True)
+    if not dist.is_main:  # the encoders are identical on every rank; rank 0 measures and writes
+        return TuneResult(vae=vae, before={}, after={}, out=None, model=native_like(vae, given))
     after = roundtrip_summary(vae, n=plan.roundtrip_samples, seed=cfg.seed + 1, rho=cfg.rho,
                               responsive=responsive)
     for p, p0 in zip(vae.decoder_parameters(), decoder_before, strict=True):
@@ -329,6 +350,7 @@ def tune(vae: VAEAdapter | Any, cfg: TuneConfig | None = None, out: str | Path |
                                                    "license": vae.source.license,
                                                    "format": vae.source.format}),
                 META_PREFIX + "metrics": json_meta({"before": before, "after": after}),
+                META_PREFIX + "world_size": str(dist.world_size),
                 **(metadata or {})}
         with atomic_output(out, overwrite=overwrite) as tmp:
             vae.save(tmp, meta)

@@ -79,6 +79,7 @@ def tune(
     load: LoadOptions | None = None,
 ) -> None:
     """Fine-tune only the encoder on the model's own samples; the decoder stays byte-identical."""
+    from ..distributed import is_main_process, teardown
     from ..io import META_PREFIX
     from ..tune import tune as run
 
@@ -109,8 +110,13 @@ def tune(
     vae = load_model(model, adapter, trust_remote_code, **options)
     args = [a for a in sys.argv[1:] if a != "--debug"]
     command = "selfconsist tune " + shlex.join(args[1:] if args[:1] == ["tune"] else args)
-    result = run(vae, cfg, out, resume=resume, overwrite=overwrite, progress=not quiet,
-                 metadata={META_PREFIX + "command": command})
+    try:
+        result = run(vae, cfg, out, resume=resume, overwrite=overwrite, progress=not quiet,
+                     metadata={META_PREFIX + "command": command})
+    finally:
+        teardown()  # leave a torchrun process group (a no-op in a single process)
+    if not is_main_process():  # torchrun: rank 0 prints and pushes
+        return
     _print_table(result.before, result.after)
     typer.echo(str(out))
     if push_to_hub is not None:
