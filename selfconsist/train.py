@@ -37,7 +37,7 @@ from .io import (
     state_path_for,
 )
 from .models import ModelConfig
-from .runtime import Progress, check_finite, nonfinite_stop, resolve_device
+from .runtime import Progress, adam, check_finite, nonfinite_stop, resolve_device
 from .validate import require_finite
 
 
@@ -118,7 +118,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, overwrite:
     x_all = x_all.to(device)
     vae = new_model(model_config(cfg, tuple(x_all.shape[1:])), seed=cfg.seed).to(device)
     params = list(vae.encoder_parameters()) + list(vae.decoder_parameters())
-    opt = torch.optim.Adam(params, lr=cfg.lr)
+    opt = adam(params, cfg.lr, device)
     gen = torch.Generator().manual_seed(cfg.seed)
     start = 0
 

@@ -46,12 +46,15 @@ from .io import (
 )
 from .metrics import responsive_elements, roundtrip_summary
 from .runtime import (
+    PRECISIONS,
     Progress,
+    adam,
     autocast,
     check_finite,
     cpu_fast_path,
     nonfinite_stop,
     resolve_device,
+    resolve_precision,
     set_channels_last,
 )
 from .validate import require_finite
@@ -77,7 +80,8 @@ class TuneConfig:
     warmup_steps: int = 0
     seed: int = 0
     device: str = "auto"
-    precision: str = "fp32"  # or bf16 (autocast; CUDA or a CPU with bf16 units)
+    # or bf16 (autocast; CUDA or a CPU with bf16 units), or auto: bf16 where the hardware has it
+    precision: str = "fp32"
     obs_var: float | None = None  # None: the model's own observation variance
     sample_noise: bool = False  # add N(0, v) observation noise to decoded samples
     prior: str | None = None  # None: the adapter's default prior
@@ -100,8 +104,8 @@ class TuneConfig:
             raise SelfconsistError("--obs-var must be positive")
         if self.schedule not in SCHEDULES:
             raise SelfconsistError(f"--schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.precision not in ("fp32", "bf16"):
-            raise SelfconsistError(f"--precision must be fp32 or bf16, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise SelfconsistError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
 
 
 @dataclass
@@ -235,7 +239,8 @@ def tune(vae: VAEAdapter | Any, cfg: TuneConfig | None = None, out: str | Path |
     dist = distributed.setup(device)
     device = dist.place(device)
     progress = progress and dist.is_main
-    autocast(device, cfg.precision)  # validates precision against the device early
+    precision = resolve_precision(device, cfg.precision)  # auto → bf16 where the hardware has it
+    autocast(device, precision)  # validates precision against the device early
     vae.to(device)
     vae.set_prior(cfg.prior)
     vae.freeze_decoder()
@@ -250,8 +255,8 @@ def tune(vae: VAEAdapter | Any, cfg: TuneConfig | None = None, out: str | Path |
     params = [p for p in vae.encoder_parameters() if p.requires_grad]
     if not params:
         raise SelfconsistError("the adapter exposes no trainable encoder parameters")
-    fast = cpu_fast_path(device, cfg.precision)
-    opt = torch.optim.Adam(params, lr=cfg.lr, fused=True if fast else None)
+    fast = cpu_fast_path(device, precision)
+    opt = adam(params, cfg.lr, device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     gen = torch.Generator().manual_seed(distributed.rank_seed(cfg.seed, dist.rank))
     start = 0
@@ -305,7 +310,7 @@ def tune(vae: VAEAdapter | Any, cfg: TuneConfig | None = None, out: str | Path |
             else:
                 z0 = latents[torch.randint(latents.shape[0], (cfg.batch_size,), generator=gen)]
                 z0 = z0.to(device)
-            with autocast(device, cfg.precision):
+            with autocast(device, precision):
                 terms = posthoc_terms(vae, z0, cfg, obs_var, gen)
             bound = obj.avae_objective(terms["log_lik"], terms["kl"], terms["coupling"],
                                        cfg.lambda_rec)
@@ -351,6 +356,7 @@ def tune(vae: VAEAdapter | Any, cfg: TuneConfig | None = None, out: str | Path |
                                                    "format": vae.source.format}),
                 META_PREFIX + "metrics": json_meta({"before": before, "after": after}),
                 META_PREFIX + "world_size": str(dist.world_size),
+                META_PREFIX + "precision": precision,  # what ran (cfg says what was asked)
                 **(metadata or {})}
         with atomic_output(out, overwrite=overwrite) as tmp:
             vae.save(tmp, meta)

@@ -55,7 +55,9 @@ def tune(
     warmup_steps: int = typer.Option(D.warmup_steps, "--warmup-steps", help="Linear learning-rate warmup steps."),
     seed: int = typer.Option(D.seed, "--seed", help="Seed for prior samples and noise."),
     device: str = typer.Option(D.device, "--device", help="cpu, cuda or auto."),
-    precision: str = typer.Option(D.precision, "--precision", help="fp32, or bf16 autocast (CUDA or bf16 CPUs)."),
+    precision: str = typer.Option(D.precision, "--precision",
+                                  help="fp32, bf16 autocast (CUDA or bf16 CPUs), or auto: bf16 where "
+                                  "the hardware has bf16 units, else fp32 (OUT records which ran)."),
     obs_var: float | None = typer.Option(None, "--obs-var",
                                          help="Observation variance v of the likelihood (default: the model's)."),
     sample_noise: bool = typer.Option(False, "--sample-noise",
