@@ -6,7 +6,9 @@ Specs accepted by :func:`load_dataset` (and ``--data``):
 * ``mnist:PATH`` / ``colormnist:PATH``: MNIST IDX files (gzipped or raw); PATH is
   the images file or a folder holding ``*images-idx3-ubyte[.gz]``;
 * ``PATH.npy`` / ``PATH.npz`` (keys ``x`` or ``images``, optional ``y``/``labels``);
-* a folder of PNG/JPEG images;
+* a folder of PNG/JPEG images, of any size when the model's shape is given (``fit``:
+  ``crop`` a centre crop per image, ``tile`` every non-overlapping tile; see
+  :func:`fit_image`);
 * a raw IDX images file.
 
 ColorMNIST (design note): each digit gets one of the 7 non-black on/off patterns
@@ -163,33 +165,126 @@ def load_array(path: Path) -> Dataset:
     return Dataset(data, y, path.stem)
 
 
-def load_image_folder(folder: Path) -> Dataset:
+FITS = ("crop", "tile")
+
+
+def _read_image(path: Path, channels: int | None) -> np.ndarray:
+    """One image file → float32 (H, W, C) in [0, 1] (C = ``channels``, or 1 for a greyscale
+    file and 3 otherwise). EXIF orientation is applied; alpha is dropped; 16-bit greyscale
+    keeps its precision."""
+    from PIL import Image, ImageOps
+
     try:
-        from PIL import Image
+        with Image.open(path) as im:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: cannot read image ({e})") from None
+    if channels is None:
+        channels = 1 if im.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L") else 3
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im, dtype=np.float64)
+        a = a / (65535.0 if a.max() > 255 or im.mode.startswith("I;16") else 255.0)
+        a = np.clip(a, 0.0, 1.0).astype(np.float32)[..., None]
+        return np.repeat(a, channels, axis=2) if channels != 1 else a
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    a = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.float32) / 255.0
+    return a[..., None] if a.ndim == 2 else a
+
+
+def _resize(a: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Resample an (H, W, C) float image in [0, 1] to (h, w, C), bicubic with Pillow's
+    antialiasing when shrinking, per channel in float (no 8-bit rounding)."""
+    from PIL import Image
+
+    if a.shape[:2] == (h, w):
+        return a
+    bicubic = Image.Resampling.BICUBIC
+    chans = [np.asarray(Image.fromarray(np.ascontiguousarray(a[..., c]), mode="F").resize((w, h), bicubic))
+             for c in range(a.shape[2])]
+    return np.clip(np.stack(chans, -1), 0.0, 1.0)
+
+
+def fit_image(a: np.ndarray, size: tuple[int, int], fit: str = "crop") -> list[np.ndarray]:
+    """Fit one (H, W, C) image to the model's (h, w): a list of (h, w, C) arrays.
+
+    * ``crop``: scale by s = max(h/H, w/W) (for a square model: the shorter side becomes the
+      model's size), then take the centre h × w: one image, any aspect ratio;
+    * ``tile``: the non-overlapping h × w tiles of the image, the grid centred (the margins
+      that do not fill a tile are dropped evenly); an image smaller than h × w in either side
+      is first scaled up by that same s, so it yields at least one tile. No resampling
+      otherwise: tiles keep the photo's own pixel scale.
+    """
+    if fit not in FITS:
+        raise DataError(f"fit must be one of {', '.join(FITS)}, got {fit!r}")
+    h, w = size
+    big_h, big_w = a.shape[:2]
+    s = max(h / big_h, w / big_w)
+    if fit == "crop" or s > 1:
+        nh, nw = max(h, round(big_h * s)), max(w, round(big_w * s))
+        a = _resize(a, nh, nw)
+        big_h, big_w = nh, nw
+    if fit == "crop":
+        top, left = (big_h - h) // 2, (big_w - w) // 2
+        return [a[top : top + h, left : left + w]]
+    rows, cols = big_h // h, big_w // w
+    top, left = (big_h - rows * h) // 2, (big_w - cols * w) // 2
+    return [a[top + r * h : top + (r + 1) * h, left + c * w : left + (c + 1) * w]
+            for r in range(rows) for c in range(cols)]
+
+
+def load_image_folder(folder: str | Path, shape: tuple[int, ...] | None = None,
+                      fit: str = "crop",
+                      data_range: tuple[float, float] = (0.0, 1.0)) -> Dataset:
+    """The PNG/JPEG/BMP images of ``folder`` (sorted by name, not recursive) as (N, C, H, W).
+
+    With ``shape`` = the model's (C, H, W), images of any size and aspect ratio are fitted by
+    :func:`fit_image` (``crop``: one centre crop per image; ``tile``: every tile) and read with
+    C channels (1: greyscale, 3: RGB). Without it, every image must already have the same size
+    (a folder of greyscale files stays one channel). Values are scaled to ``data_range``:
+    x = lo + (hi − lo)·p with p ∈ [0, 1] the pixel value (``selfconsist eval`` keeps [0, 1]
+    and maps to the model's range itself). An empty folder, or any file that cannot be read,
+    is refused with one line naming it. Needs Pillow.
+    """
+    folder = Path(folder)
+    try:
+        import PIL  # noqa: F401
     except ImportError:
         raise DataError("reading an image folder needs Pillow: pip install pillow") from None
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such folder")
+    if fit not in FITS:
+        raise DataError(f"fit must be one of {', '.join(FITS)}, got {fit!r}")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise DataError(f"{folder}: no PNG/JPEG images in this folder")
-    images = []
-    for f in files:
-        try:
-            with Image.open(f) as im:
-                im.load()
-                images.append(im.copy())
-        except OSError as e:
-            raise DataError(f"{f}: cannot read image ({e})") from None
-    # A folder of greyscale images stays one channel; anything else is read as RGB.
-    mode = "L" if all(im.mode in ("1", "L", "LA") for im in images) else "RGB"
-    arrays = [np.asarray(im.convert(mode)) for im in images]
-    shapes = {a.shape for a in arrays}
-    if len(shapes) > 1:
-        raise DataError(f"{folder}: images have different sizes {sorted(shapes)[:3]}; resize them first")
-    return Dataset(_as_nchw(np.stack(arrays), str(folder)), None, folder.name)
+    channels = None if shape is None else int(shape[0])
+    if channels not in (None, 1, 3):
+        raise DataError(f"an image folder gives 1- or 3-channel images; the model takes {channels}")
+    arrays = [_read_image(f, channels) for f in files]
+    if shape is None:
+        if not all(a.shape[2] == 1 for a in arrays):  # mixed folders are read as RGB
+            arrays = [np.repeat(a, 3, axis=2) if a.shape[2] == 1 else a for a in arrays]
+        shapes = {a.shape for a in arrays}
+        if len(shapes) > 1:
+            raise DataError(f"{folder}: images have different sizes {sorted(shapes)[:3]}; resize "
+                            "them first")
+        items = arrays
+    else:
+        size = (int(shape[1]), int(shape[2]))
+        items = [t for a in arrays for t in fit_image(a, size, fit)]
+    x = torch.from_numpy(np.ascontiguousarray(np.stack(items).transpose(0, 3, 1, 2)))
+    lo, hi = data_range
+    if (lo, hi) != (0.0, 1.0):
+        x = lo + (hi - lo) * x
+    return Dataset(x, None, folder.name)
 
 
-def load_dataset(spec: str, seed: int = 0) -> Dataset:
-    """Load a dataset from a spec string (see the module docstring)."""
+def load_dataset(spec: str, seed: int = 0, shape: tuple[int, ...] | None = None,
+                 fit: str = "crop") -> Dataset:
+    """Load a dataset from a spec string (see the module docstring). ``shape`` (the model's
+    (C, H, W)) and ``fit`` apply to a folder of images: see :func:`load_image_folder`."""
     kind, sep, rest = spec.partition(":")
     if spec == "digits":
         return load_digits()
@@ -206,7 +301,7 @@ def load_dataset(spec: str, seed: int = 0) -> Dataset:
     if path.is_dir():
         if any("idx3" in p.name for p in path.iterdir()):
             return load_mnist(path)
-        return load_image_folder(path)
+        return load_image_folder(path, shape, fit)
     if path.suffix in (".npy", ".npz"):
         return load_array(path)
     if "idx" in path.name:

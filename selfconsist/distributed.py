@@ -122,6 +122,17 @@ class DistContext:
         torch.distributed.all_reduce(v)
         return v[0] / self.world_size
 
+    def agree_stop(self, signum: int | None) -> int | None:
+        """The signal any rank has received (the largest number), so that every rank stops at
+        the same step boundary and the checkpoint's collectives line up; ``signum`` alone."""
+        if not self.active:
+            return signum
+        v = torch.tensor([signum or 0], dtype=torch.int64)
+        if self.backend == "nccl":
+            v = v.cuda()
+        torch.distributed.all_reduce(v, op=torch.distributed.ReduceOp.MAX)
+        return int(v.item()) or None
+
     def gather(self, obj: Any) -> list[Any]:
         """Every rank's ``obj``, in rank order (e.g. the generators' states for the resumable
         state); ``[obj]`` alone."""

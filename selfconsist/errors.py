@@ -26,3 +26,21 @@ class DataError(SelfconsistError):
 
 class NonFiniteLossError(SelfconsistError):
     """Training produced a NaN or Inf loss."""
+
+
+class Interrupted(SelfconsistError):
+    """A run stopped on SIGINT or SIGTERM, after saving what it could.
+
+    ``exit_code`` is 128 + the signal number (130 for SIGINT, 143 for SIGTERM), as shells
+    report a process ended by that signal. ``step`` is the step the saved state resumes from
+    (``None`` when nothing was saved) and ``state_file`` where it is.
+    """
+
+    def __init__(self, message: str, signum: int, step: int | None = None,
+                 state_file: object = None) -> None:
+        super().__init__(message)
+        self.signum, self.step, self.state_file = signum, step, state_file
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum

@@ -20,6 +20,13 @@ x_model = lo + (hi − lo)·x):
 * ``active_units`` (Var_x μ̂ > 0.01) and ``responsive_active`` (responsive elements that are
   active; responsive ones that are not are collapse);
 * ``drift_data@K`` and ``adv_shift_data@ε``: as above, from real inputs;
+* on image data (C, H, W) with a bounded range, per image then mean ± std/√n
+  (:mod:`selfconsist.realimage`): ``image_psnr`` and ``image_ssim`` of the single pass,
+  ``cycle_psnr@K`` = PSNR(x_K, x₀) along x_k = clip(g(μ(x_{k−1}))) for K in ``cycles``, and
+  ``cycle_db_lost`` = PSNR@1 − PSNR@K_max; with ``compare``, in the compared model's column,
+  ``latent_shift`` (|μ_t − μ_b| in base-latent standard deviations) and
+  ``latent_decode_psnr`` = PSNR(g(μ_t(x)), g(μ_b(x))). A shift above
+  :data:`~selfconsist.realimage.SHIFT_WARN` adds a line to ``warnings`` (and the log);
 * with labels, a linear probe (multinomial logistic regression on μ̂(x), fitted on the train
   split) scored on held-out inputs: ``probe_acc`` clean; ``probe_acc_adv@ε`` on the inputs of
   the latent-shift PGD above (the paper's threat model: the attacker moves the code and does
@@ -34,11 +41,11 @@ deterministic and both models see the same prior draws and attack starts.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import platform
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -49,11 +56,12 @@ from torch import Tensor
 
 from . import __version__
 from . import metrics as M
+from . import realimage as R
 from .adapters.base import VAEAdapter
 from .data import Dataset, check_matches, load_dataset
 from .errors import DataError, SelfconsistError
 from .io import atomic_output
-from .runtime import resolve_device
+from .runtime import Stages, resolve_device
 from .validate import require_finite
 
 #: How each metric's standard error is computed (a prefix matches metrics with ``@ε``/``@K``).
@@ -74,12 +82,19 @@ STDERR_METHODS: dict[str, str] = {
     "probe_acc": "binomial: √(p(1−p)/n)",
     "probe_acc_adv@": "binomial: √(p(1−p)/n)",
     "probe_acc_ce@": "binomial: √(p(1−p)/n)",
+    "image_psnr": "analytic: std/√n over images (per-image PSNR)",
+    "image_ssim": "analytic: std/√n over images (per-image SSIM)",
+    "cycle_psnr@": "analytic: std/√n over images (per-image PSNR)",
+    "cycle_db_lost": "analytic: std/√n over images (per-image difference)",
+    "latent_shift": "analytic: std/√n over images (per-image mean shift)",
+    "latent_decode_psnr": "analytic: std/√n over images (per-image PSNR)",
 }
 
 #: metric (or prefix) → (short description, which way is better: "up", "down" or "").
 METRIC_INFO: dict[str, tuple[str, str]] = {
     "sample_roundtrip_mse": ("sample round-trip error ‖g(z₀) − g(μ(g(z₀)))‖²/D", "down"),
-    "latent_roundtrip_corr": ("latent round-trip correlation, all elements", "up"),
+    "latent_roundtrip_corr": ("latent round-trip correlation, all elements (includes elements "
+                              "the decoder ignores)", "up"),
     "latent_roundtrip_corr_responsive": ("latent round-trip correlation, responsive elements",
                                          "up"),
     "consistency_kl": ("KL(q(u|g(z₀)) ‖ N(ρu₀, 1−ρ²)) per element", "down"),
@@ -95,6 +110,15 @@ METRIC_INFO: dict[str, tuple[str, str]] = {
     "probe_acc": ("linear probe accuracy, clean", "up"),
     "probe_acc_adv@": ("linear probe accuracy under the latent-shift PGD (encoder attack)", "up"),
     "probe_acc_ce@": ("linear probe accuracy under PGD on the probe's cross-entropy", "up"),
+    "image_psnr": ("single-pass PSNR (dB) of g(μ(x)) vs x, per-image mean, real images", "up"),
+    "image_ssim": ("single-pass SSIM of g(μ(x)) vs x (Gaussian 11×11, σ 1.5), per-image mean",
+                   "up"),
+    "cycle_psnr@": ("PSNR (dB) of x_K vs the original x₀ after K encode → decode cycles, "
+                    "per-image mean", "up"),
+    "cycle_db_lost": ("dB lost from cycle 1 to the last of the cycles (PSNR@1 − PSNR@K)", "down"),
+    "latent_shift": ("mean |μ_tuned(x) − μ_base(x)| in base-latent std units, real images",
+                     "down"),
+    "latent_decode_psnr": ("PSNR (dB) of g(μ_tuned(x)) vs g(μ_base(x)), per-image mean", "up"),
 }
 
 
@@ -139,6 +163,9 @@ class EvalConfig:
     figures: bool = True
     n_figure: int = 8
     data_seed: int = 0  # ColorMNIST colours
+    fit: str = "crop"  # image folders of other sizes: "crop" (centre crop) or "tile"
+    cycles: tuple[int, ...] = (1, 2, 5, 10)  # K of cycle_psnr@K; the largest sets cycle_db_lost
+    real_images: int | None = None  # at most this many held-out images for the cycle stages
 
     def __post_init__(self) -> None:
         require_finite(self)
@@ -159,6 +186,17 @@ class EvalConfig:
             raise SelfconsistError("--n-train must not be negative")
         if self.n_test is not None and self.n_test < 2:
             raise SelfconsistError("--n-test must be at least 2")
+        if self.fit not in ("crop", "tile"):
+            raise SelfconsistError(f"--fit must be crop or tile, got {self.fit!r}")
+        try:
+            cycles = tuple(sorted({int(k) for k in self.cycles}))
+        except (TypeError, ValueError):
+            cycles = ()
+        if not cycles or cycles[0] < 1 or any(float(k) != int(k) for k in self.cycles):
+            raise SelfconsistError("--cycles must be positive integers, e.g. --cycles 1,2,5,10")
+        self.cycles = cycles
+        if self.real_images is not None and self.real_images < 2:
+            raise SelfconsistError("--real-images must be at least 2")
 
     def eps_for(self, data_range: tuple[float, float]) -> tuple[float, ...]:
         if self.eps is not None:
@@ -171,8 +209,10 @@ class EvalConfig:
 
 
 # ``eval --fast``: fewer samples, PGD steps and bootstrap resamples, for a quick check (the
-# standard errors grow by about √4); the metric set and names stay the same.
-FAST_PRESET = {"samples": 256, "pgd_steps": 5, "responsive_samples": 16, "bootstrap": 50}
+# standard errors grow by about √4); the metric set and names stay the same. Real-image cycles
+# keep their K (so cycle_psnr@10 and cycle_db_lost mean the same) on at most 16 images.
+FAST_PRESET = {"samples": 256, "pgd_steps": 5, "responsive_samples": 16, "bootstrap": 50,
+               "real_images": 16}
 
 
 def fast_config(cfg: EvalConfig) -> EvalConfig:
@@ -201,10 +241,14 @@ class EvalResult:
     figures: dict[str, str] = field(default_factory=dict)
 
 
+#: The attack of ``adv_shift``/``probe_acc_adv`` and of adversarial.png, in words.
+ATTACK = "ℓ∞ PGD on the latent shift ‖μ̂(x+δ) − μ̂(x)‖²"
+
 # --- stages and their seeds --------------------------------------------------------------------
 
 _STAGE_SEEDS = {"responsive": 1, "roundtrip": 2, "drift": 3, "shift": 4, "bootstrap": 5,
                 "drift_data": 6, "shift_data": 7, "probe_adv": 8}
+_log = logging.getLogger("selfconsist")
 
 
 def _gen(seed: int, stage: str) -> torch.Generator:
@@ -212,36 +256,9 @@ def _gen(seed: int, stage: str) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + _STAGE_SEEDS[stage])
 
 
-class _Stages:
-    """A rich progress bar over the evaluation stages, on stderr (or nothing)."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.enabled, self._bar = total, enabled, None
-
-    def __enter__(self) -> _Stages:
-        if self.enabled:
-            from rich import progress as rp
-            from rich.console import Console
-
-            self._bar = rp.Progress(rp.TextColumn("[bold]eval"), rp.BarColumn(),
-                                    rp.MofNCompleteColumn(), rp.TimeElapsedColumn(),
-                                    rp.TextColumn("{task.description}"),
-                                    console=Console(stderr=True))
-            self._bar.__enter__()
-            self._task = self._bar.add_task("", total=self.total)
-        return self
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        if self._bar is not None:
-            self._bar.update(self._task, description=name)
-        yield
-        if self._bar is not None:
-            self._bar.advance(self._task)
-
-    def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(*exc)
+def _Stages(total: int, enabled: bool) -> Stages:
+    """Progress over the evaluation stages (see :class:`selfconsist.runtime.Stages`)."""
+    return Stages(total, "eval", enabled)
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -294,7 +311,9 @@ def _prepare_data(data: Any, labels: Any, cfg: EvalConfig, data_shape: tuple[int
     elif isinstance(data, Tensor):
         ds = Dataset(data.float(), None, "tensor")
     else:
-        ds = load_dataset(str(data), seed=cfg.data_seed)
+        # An image folder of any size is fitted to the model's (C, H, W) (cfg.fit).
+        shape = data_shape if len(data_shape) == 3 else None
+        ds = load_dataset(str(data), seed=cfg.data_seed, shape=shape, fit=cfg.fit)
     check_matches(ds, data_shape)
     n = len(ds)
     y = _load_labels(labels, n) if labels is not None else ds.y
@@ -335,10 +354,25 @@ def _to_model_range(x: Tensor, data_range: tuple[float, float]) -> Tensor:
 
 # --- one model ---------------------------------------------------------------------------------
 
-def _stage_names(has_data: bool, has_labels: bool) -> list[str]:
+def _has_images(vae: VAEAdapter, split: _Split | None) -> bool:
+    """Real-image stages run on image data (C, H, W) in a bounded range (PSNR needs one)."""
+    lo, hi = vae.data_range
+    return split is not None and len(vae.data_shape) == 3 and math.isfinite(hi - lo)
+
+
+def _real_images(split: _Split, cfg: EvalConfig, data_range: tuple[float, float]) -> Tensor:
+    """The held-out images of the real-image stages, in the model's range (the first
+    ``cfg.real_images`` of them)."""
+    x = split.test_x if cfg.real_images is None else split.test_x[: cfg.real_images]
+    return _to_model_range(x, data_range)
+
+
+def _stage_names(has_data: bool, has_labels: bool, has_images: bool = False) -> list[str]:
     names = ["decoder responses", "sample round trip", "drift (samples)", "PGD shift (samples)"]
     if has_data:
         names += ["reconstruction, active units", "drift (data)"]
+    if has_images:
+        names += ["real-image cycles"]
     if has_labels:
         names += ["linear probe"]
     if has_data:
@@ -348,16 +382,7 @@ def _stage_names(has_data: bool, has_labels: bool) -> list[str]:
     return names
 
 
-def _corr_estimate(u0: Tensor, mu: Tensor, cols: Tensor | None, gen: torch.Generator,
-                   reps: int) -> M.Estimate:
-    """Mean per-element Pearson correlation (over ``cols``), bootstrapped over samples."""
-    if cols is not None:
-        u0, mu = u0[:, cols], mu[:, cols]
-    return M.bootstrap(lambda rows: float(M.per_element_corr(u0[rows], mu[rows]).mean()),
-                       (u0.shape[0],), gen, reps)
-
-
-def _evaluate_model(vae: VAEAdapter, cfg: EvalConfig, split: _Split | None, stages: _Stages,
+def _evaluate_model(vae: VAEAdapter, cfg: EvalConfig, split: _Split | None, stages: Stages,
                     label: str) -> tuple[dict[str, M.Estimate], dict[str, Any]]:
     s, bs = cfg.seed, cfg.batch_size
     rng = vae.data_range
@@ -380,11 +405,12 @@ def _evaluate_model(vae: VAEAdapter, cfg: EvalConfig, split: _Split | None, stag
     with stages.stage(f"{label}: sample round trip"):
         r = M.sample_roundtrip(vae, cfg.samples, _gen(s, "roundtrip"), cfg.rho, bs)
         out["sample_roundtrip_mse"] = M.Estimate.of(r["mse"])
-        out["latent_roundtrip_corr"] = _corr_estimate(r["u0"], r["mu_hat"], None,
-                                                      _gen(s, "bootstrap"), cfg.bootstrap)
+        # One definition (metrics.roundtrip_corr, as in tune); the responsive one leads.
         if mask.any():
-            out["latent_roundtrip_corr_responsive"] = _corr_estimate(
+            out["latent_roundtrip_corr_responsive"] = M.roundtrip_corr(
                 r["u0"], r["mu_hat"], mask, _gen(s, "bootstrap"), cfg.bootstrap)
+        out["latent_roundtrip_corr"] = M.roundtrip_corr(r["u0"], r["mu_hat"], None,
+                                                        _gen(s, "bootstrap"), cfg.bootstrap)
         out["consistency_kl"] = M.Estimate.of(r["consistency_kl"])
 
     with stages.stage(f"{label}: drift (samples)"):
@@ -400,11 +426,12 @@ def _evaluate_model(vae: VAEAdapter, cfg: EvalConfig, split: _Split | None, stag
         xs = M.decode_batched(vae, z0, bs).cpu()
         mu, _ = M.encode_mean(vae, xs, bs)
         den = M.code_pair_distance(mu)
+        kept: dict[float, Tensor] = {}
         for eps in eps_list:
-            shift, x_adv = M.adversarial_shift(vae, xs, eps, cfg.pgd_steps, g, bs, keep=keep)
+            shift, kept[eps] = M.adversarial_shift(vae, xs, eps, cfg.pgd_steps, g, bs, keep=keep)
             out[f"adv_shift@{eps:g}"] = M.ratio_estimate(M.Estimate.of(shift), den)
-        art["adv"] = {"source": "model samples", "eps": eps_list[-1], "x": xs[:keep],
-                      "x_adv": x_adv}
+        art["adv"] = {"source": "model samples", "attack": f"{ATTACK}, {cfg.pgd_steps} steps of ε/8",
+                      "eps": list(eps_list), "x": xs[:keep], "x_adv": kept}
 
     if split is not None:
         test_x = _to_model_range(split.test_x, rng)
@@ -429,6 +456,13 @@ def _evaluate_model(vae: VAEAdapter, cfg: EvalConfig, split: _Split | None, stag
             out[f"drift_data@{cfg.drift_k}"] = M.Estimate.of(drift)
             art["data_chains"] = chains
 
+        if _has_images(vae, split):
+            with stages.stage(f"{label}: real-image cycles"):
+                cyc = R.cycle_metrics(vae, _real_images(split, cfg, rng), cfg.cycles, bs, keep=1)
+                out.update(cyc.estimates)
+                art["cycles"] = {"chains": cyc.chains, "steps": cyc.steps, "n": int(
+                    cyc.per_image["image_psnr"].numel())}
+
         probe = None
         if split.test_y is not None and split.train_x is not None:
             with stages.stage(f"{label}: linear probe"):
@@ -440,6 +474,7 @@ def _evaluate_model(vae: VAEAdapter, cfg: EvalConfig, split: _Split | None, stag
         with stages.stage(f"{label}: PGD shift (data)"):
             den = M.code_pair_distance(mu)
             g = _gen(s, "shift_data")
+            kept = {}
             for eps in eps_list:
                 correct: list[Tensor] = []
 
@@ -449,13 +484,20 @@ def _evaluate_model(vae: VAEAdapter, cfg: EvalConfig, split: _Split | None, stag
                     y = split.test_y[start : start + xa.shape[0]]
                     correct.append(M.probe_correct(vae, probe, xa, y, bs))
 
-                shift, x_adv = M.adversarial_shift(vae, test_x, eps, cfg.pgd_steps, g, bs, keep=keep,
-                                                   on_batch=score if probe is not None else None)
+                shift, kept[eps] = M.adversarial_shift(
+                    vae, test_x, eps, cfg.pgd_steps, g, bs, keep=keep,
+                    on_batch=score if probe is not None else None)
                 out[f"adv_shift_data@{eps:g}"] = M.ratio_estimate(M.Estimate.of(shift), den)
                 if probe is not None:
                     out[f"probe_acc_adv@{eps:g}"] = M.binomial_estimate(torch.cat(correct))
-            art["adv"] = {"source": "held-out data", "eps": eps_list[-1], "x": test_x[:keep],
-                          "x_adv": x_adv}
+            art["adv"] = {"source": "held-out data",
+                          "attack": f"{ATTACK}, {cfg.pgd_steps} steps of ε/8",
+                          "eps": list(eps_list), "x": test_x[:keep], "x_adv": kept}
+            if probe is not None:  # what the probe reads before and after each attack
+                art["adv"]["labels"] = split.test_y[:keep].clone()
+                art["adv"]["pred"] = M.probe_predict(vae, probe, test_x[:keep], bs)
+                art["adv"]["pred_adv"] = {e: M.probe_predict(vae, probe, xa, bs)
+                                          for e, xa in kept.items()}
 
         if probe is not None:
             with stages.stage(f"{label}: PGD on the probe"):
@@ -468,7 +510,8 @@ def _evaluate_model(vae: VAEAdapter, cfg: EvalConfig, split: _Split | None, stag
 
     if art["adv"]["x"].numel():
         art["adv"]["rec"] = M.reconstruct(vae, art["adv"]["x"], bs)
-        art["adv"]["rec_adv"] = M.reconstruct(vae, art["adv"]["x_adv"], bs)
+        art["adv"]["rec_adv"] = {e: M.reconstruct(vae, xa, bs)
+                                 for e, xa in art["adv"]["x_adv"].items()}
     return out, art
 
 
@@ -485,12 +528,15 @@ def _fmt(v: float | None, se: float | None = None) -> str:
 
 def render_table(metrics: dict[str, Any], names: list[str] | None = None) -> str:
     """The metrics of metrics.json as a markdown table: one row per metric, one column per
-    model, and (for two models) the change from the first to the second.
+    model, and (for two models) the change from the first to the second and its verdict
+    (:mod:`selfconsist.report`: better, worse or no significant change given the standard
+    errors).
 
     ``metrics`` is the metrics.json dict (``{"models": {NAME: {metric: {"value", "stderr"}}}}``)
-    or just its ``"models"`` part. Values read ``value ± stderr``; the arrow says which way is
-    better. This is the table of report.md and of the Hub model card.
+    or just its ``"models"`` part. Values read ``value ± stderr``; the last column says which
+    way is better. This is the table of report.md and of the Hub model card.
     """
+    from .report import verdict
     models = metrics.get("models", metrics)
     names = list(models) if names is None else names
     keys: list[str] = []
@@ -498,10 +544,11 @@ def render_table(metrics: dict[str, Any], names: list[str] | None = None) -> str
         keys += [k for k in models[n] if k not in keys]
     head = ["metric", *names]
     if len(names) == 2:
-        head.append("change")
+        head += ["change", "verdict"]
     head.append("better")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    arrows = {"up": "↑", "down": "↓", "": ""}
+    arrows = {"up": "↑ higher", "down": "↓ lower", "": ""}
+    marks = {"better": "**better**", "worse": "**worse**"}
     for k in keys:
         cells = [f"`{k}`"]
         vals = []
@@ -512,10 +559,12 @@ def render_table(metrics: dict[str, Any], names: list[str] | None = None) -> str
         if len(names) == 2:
             a, b = vals
             if a is None or b is None:
-                cells.append("–")
+                cells += ["–", "–"]
             else:
                 rel = f" ({(b - a) / abs(a) * 100:+.0f}%)" if abs(a) > 1e-12 else ""
                 cells.append(f"{b - a:+.4g}{rel}")
+                v = verdict(k, models[names[0]][k], models[names[1]][k]).verdict
+                cells.append(marks.get(v, v))
         info = _lookup(METRIC_INFO, k)
         cells.append(arrows[info[1]] if info else "")
         lines.append("| " + " | ".join(cells) + " |")
@@ -543,13 +592,30 @@ def render_report(metrics: dict[str, Any], figures: dict[str, str] | None = None
     lines.append(f"- seed {cfg.get('seed')}, {cfg.get('samples')} prior samples, "
                  f"ε = {', '.join(f'{e:g}' for e in cfg.get('eps_used', []))} (data units), "
                  f"PGD {cfg.get('pgd_steps')} steps of ε/8, ρ = {cfg.get('rho')}")
+    if any("cycle_psnr@" in k for r in metrics["models"].values() for k in r):
+        n_img = (data or {}).get("n_test") if cfg.get("real_images") is None else min(
+            cfg["real_images"], (data or {}).get("n_test") or cfg["real_images"])
+        lines.append(f"- real-image cycles: {n_img} held-out images "
+                     f"(image folders fitted by `{cfg.get('fit', 'crop')}`), K = "
+                     f"{', '.join(str(k) for k in cfg.get('cycles', []))}; x_k = clip(g(μ(x_(k−1)))), "
+                     "PSNR/SSIM per image, then averaged")
     modes = cfg.get("responsive_mode", {})
     if "channel" in modes.values():
         lines.append("- decoder-responsive elements were probed per latent channel (the "
                      "latent is large): every element of a channel shares its verdict")
+    if metrics.get("warnings"):
+        lines += ["", "## Warnings", ""] + [f"> {w}" for w in metrics["warnings"]]
+    if len(names) == 2:
+        from .report import summary_lines
+
+        a, b = (metrics["models"][n] for n in names)
+        lines += ["", f"## Summary: {names[1]} against {names[0]}", "",
+                  *[f"- {line}" for line in summary_lines(a, b)]]
     lines += ["", "## Metrics", "", render_table(metrics, names)]
-    lines += ["Values are `value ± standard error`. ↑/↓: which way is better; counts without an "
-              "arrow describe the model rather than rank it. A robustness number counts only "
+    lines += ["Values are `value ± standard error`. ↑ higher / ↓ lower: which way is better; "
+              "counts without an arrow describe the model rather than rank it. A change counts "
+              "(better or worse) when |Δ| > 2·√(se₁² + se₂²); otherwise it is within the noise. "
+              "A robustness number counts only "
               "beside reconstruction, active units and probe accuracy (a constant encoder is "
               "perfectly robust and useless).", "", "| metric | meaning | standard error |",
               "|---|---|---|"]
@@ -563,10 +629,15 @@ def render_report(metrics: dict[str, Any], figures: dict[str, str] | None = None
     if figures:
         lines += ["", "## Figures", ""]
         captions = {
-            "roundtrip": "Model samples x = g(z₀) and their re-encodings g(μ(x))",
+            "roundtrip": "Model samples x = g(z₀), their re-encodings g(μ(x)), the difference "
+                         "|x − g(μ(x))| and the per-image error",
             "drift": "Drift chains x₀, x₁ = g(μ(x₀)), …, x_K",
-            "adversarial": "Clean and PGD-attacked inputs with their decodings",
-            "metrics": "Metrics side by side (error bars: ±1 standard error)",
+            "adversarial": "Clean and PGD-attacked inputs with their decodings, at every ε "
+                           "(label and probe prediction above each input)",
+            "metrics": "Each metric as the ratio of the second model to the first "
+                       "(error bars: ±1 standard error; green better, red worse, grey within "
+                       "the noise)",
+            "cycles": "Real images through K encode → decode cycles: PSNR against the original",
         }
         for key, fname in figures.items():
             lines += [f"### {captions.get(key, key)}", "", f"![{key}]({fname})", ""]
@@ -659,7 +730,13 @@ def evaluate(model: Any, compare: Any = None, *, data: Any = None, labels: Any =
     eps_used = cfg.eps_for(first.data_range)  # an unbounded range without --eps fails here
     split = _prepare_data(data, labels, cfg, tuple(first.data_shape)) if data is not None else None
     has_labels = split is not None and split.test_y is not None
-    n_stages = len(_stage_names(split is not None, has_labels)) * len(vaes) + 1
+    has_images = _has_images(first, split)
+    # latent compatibility: base vs compared encoder on the same real images (a flat latent's
+    # spread is across images, so it needs two)
+    with_compat = (has_images and compare is not None
+                   and (len(first.latent_shape) > 1 or split.test_x.shape[0] > 1))
+    n_stages = (len(_stage_names(split is not None, has_labels, has_images)) * len(vaes) + 1
+                + int(with_compat))
 
     results: dict[str, dict[str, Any]] = {}
     artifacts: dict[str, dict[str, Any]] = {}
@@ -671,6 +748,20 @@ def evaluate(model: Any, compare: Any = None, *, data: Any = None, labels: Any =
             timing[n] = round(time.perf_counter() - t0, 2)
             results[n] = {k: e.as_dict() for k, e in res.items()}
             artifacts[n] = art
+        warnings: list[str] = []
+        if with_compat:
+            with stages.stage("latent compatibility"):
+                # In the compared model's column: how far its encoder moved the base model's
+                # latents of the same real images (the base column would read 0).
+                base, tuned = vaes[name], vaes[compare_name]
+                compat = R.latent_compatibility(base, tuned, _real_images(
+                    split, cfg, base.data_range), cfg.batch_size)
+                results[compare_name].update({k: e.as_dict() for k, e in compat.items()})
+                line = R.shift_warning(compat["latent_shift"].value)
+                if line is not None:
+                    warnings.append(f"{compare_name}: {line}")
+        for line in warnings:
+            _log.warning(line)
         with stages.stage("report"):
             metrics: dict[str, Any] = {
                 "models": results,
@@ -687,8 +778,10 @@ def evaluate(model: Any, compare: Any = None, *, data: Any = None, labels: Any =
                            "seeds": {stage: cfg.seed * 1_000_003 + k
                                      for stage, k in _STAGE_SEEDS.items()}},
                 "data": split.describe() if split is not None else None,
+                "warnings": warnings,
                 "stderr_methods": {k: _lookup(STDERR_METHODS, k)
                                    for r in results.values() for k in r},
+                "definitions": dict(M.DEFINITIONS),
                 "versions": _versions(),
                 "timing_s": timing,
             }

@@ -104,6 +104,35 @@ def per_element_corr(a: Tensor, b: Tensor) -> Tensor:
     return torch.where(denom > 1e-12, corr, torch.zeros_like(corr)).float()
 
 
+#: The one definition of each correlation figure, shared by ``tune`` and ``eval`` and written
+#: into metrics.json.
+DEFINITIONS: dict[str, str] = {
+    "latent_roundtrip_corr": (
+        "mean over latent elements i of the Pearson correlation, over prior samples, of u₀ᵢ "
+        "and μ̂ᵢ(g(z₀)) (whitened); stderr: bootstrap over prior samples "
+        "(metrics.roundtrip_corr). _responsive: the same over the decoder-responsive elements "
+        "only (the headline figure; the all-elements mean includes elements the decoder "
+        "ignores, whose re-encodings carry no information)"),
+}
+
+
+def roundtrip_corr(u0: Tensor, mu_hat: Tensor, mask: Tensor | None = None,
+                   generator: torch.Generator | None = None, reps: int = 200) -> Estimate:
+    """Latent round-trip correlation ρ̄ = (1/|S|) Σ_{i∈S} corr_k(u₀[k, i], μ̂[k, i]).
+
+    ``u0``/``mu_hat`` are (n × d) whitened prior draws and the means of their re-encodings;
+    S is ``mask`` (all elements when None). The standard error is the bootstrap over the n
+    prior samples (rows drawn with replacement, ``reps`` replicates), i.e. the sampling error
+    of ρ̄ itself, not the spread of the per-element correlations.
+    """
+    if mask is not None:
+        cols = mask.reshape(-1).cpu()
+        u0, mu_hat = u0[:, cols], mu_hat[:, cols]
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    return bootstrap(lambda rows: float(per_element_corr(u0[rows], mu_hat[rows]).mean()),
+                     (u0.shape[0],), gen, reps)
+
+
 # --- decoder-responsive elements -------------------------------------------------------------
 
 @dataclass
@@ -191,23 +220,19 @@ def roundtrip_summary(vae: VAEAdapter, n: int = 1024, seed: int = 0, rho: float 
                       responsive: Tensor | None = None) -> dict[str, dict[str, float]]:
     """The data-free figures ``tune`` reports before and after.
 
-    ``sample_roundtrip_mse``, ``latent_roundtrip_corr`` (mean over all elements, and over
-    decoder-responsive ones when a mask is given) and ``consistency_kl`` per element.
+    ``sample_roundtrip_mse``, ``latent_roundtrip_corr_responsive`` (when a mask is given: the
+    headline) and ``latent_roundtrip_corr`` (all elements), both :func:`roundtrip_corr`, as in
+    ``eval``; and ``consistency_kl`` per element.
     """
     g = torch.Generator().manual_seed(seed)
     r = sample_roundtrip(vae, n, g, rho)
-    corr = per_element_corr(r["u0"], r["mu_hat"])
-    out = {
-        "sample_roundtrip_mse": Estimate.of(r["mse"]).as_dict(),
-        "consistency_kl": Estimate.of(r["consistency_kl"]).as_dict(),
-        "latent_roundtrip_corr": {"value": float(corr.mean()), "stderr": float(
-            corr.std() / math.sqrt(corr.numel())) if corr.numel() > 1 else float("nan")},
-    }
+    out = {"sample_roundtrip_mse": Estimate.of(r["mse"]).as_dict()}
     if responsive is not None and responsive.any():
-        c = corr[responsive.cpu()]
-        out["latent_roundtrip_corr_responsive"] = {
-            "value": float(c.mean()),
-            "stderr": float(c.std() / math.sqrt(c.numel())) if c.numel() > 1 else float("nan")}
+        out["latent_roundtrip_corr_responsive"] = roundtrip_corr(
+            r["u0"], r["mu_hat"], responsive, torch.Generator().manual_seed(seed + 1)).as_dict()
+    out["consistency_kl"] = Estimate.of(r["consistency_kl"]).as_dict()
+    out["latent_roundtrip_corr"] = roundtrip_corr(
+        r["u0"], r["mu_hat"], None, torch.Generator().manual_seed(seed + 1)).as_dict()
     return out
 
 
@@ -422,6 +447,13 @@ def fit_probe(features: Tensor, labels: Tensor, n_classes: int | None = None, l2
     with torch.enable_grad():
         opt.step(closure)
     return LinearProbe(mean.float(), scale.float(), w.detach().float(), b.detach().float())
+
+
+@torch.no_grad()
+def probe_predict(vae: VAEAdapter, probe: LinearProbe, x: Tensor, batch_size: int = 256) -> Tensor:
+    """The probe's predicted class for each input, from μ̂(x) (on the CPU)."""
+    return torch.cat([probe.predict(_whitened_mean(vae, x[i : i + b].to(vae.device))).cpu()
+                      for i, b in _batches(x.shape[0], batch_size)])
 
 
 @torch.no_grad()

@@ -243,6 +243,49 @@ def _eval_table(metrics: dict[str, Any]) -> str:
         return metrics_table(models)  # a metrics.json from another version: the plain table
 
 
+#: The real-image figures a latent-diffusion user reads first, in the card's order.
+REAL_IMAGE_ROWS = (
+    ("image_psnr", "single-pass PSNR (dB), per-image mean"),
+    ("image_ssim", "single-pass SSIM, per-image mean"),
+    ("cycle_psnr@", "PSNR (dB) after {k} encode → decode cycles, vs the original"),
+    ("cycle_db_lost", "dB lost from cycle 1 to cycle {k}"),
+    ("latent_shift", "latent shift of real images (base-latent std units)"),
+    ("latent_decode_psnr", "PSNR (dB) of g(μ_tuned(x)) vs g(μ_base(x))"),
+)
+
+
+def real_image_section(metrics: Any) -> list[str]:
+    """Markdown lines on real images (selfconsist eval with image data): single-pass quality,
+    cycle degradation at the largest K, the latent shift against the base model and eval's
+    warnings; empty when the eval run measured none of them."""
+    models = metrics.get("models") if isinstance(metrics, dict) else None
+    if not isinstance(models, dict) or not models:
+        return []
+    names = list(models)
+    keys = [k for m in models.values() if isinstance(m, dict) for k in m]
+    ks = [int(k.split("@", 1)[1]) for k in keys
+          if k.startswith("cycle_psnr@") and k.split("@", 1)[1].isdigit()]
+    if not ks:
+        return []
+    k = max(ks)
+    rows = []
+    for key, label in REAL_IMAGE_ROWS:
+        key = f"{key}{k}" if key.endswith("@") else key
+        if any(isinstance(models[n], dict) and key in models[n] for n in names):
+            rows.append(f"| {label.format(k=k)} | "
+                        + " | ".join(_fmt(models[n].get(key)) if isinstance(models[n], dict)
+                                     else "–" for n in names) + " |")
+    out = ["### Real images", "",
+           "Measured on held-out real images: each image goes through encode → decode "
+           f"{k} times (x_k = g(μ(x_(k−1))), clipped), and every PSNR is against the original "
+           "image, averaged per image (± one standard error). The latent shift says how far the "
+           "encoder moved the latents a diffusion model trained on the base VAE expects.", "",
+           "| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names), *rows, ""]
+    for w in metrics.get("warnings") or []:
+        out += [f"> **Warning:** {w}", ""]
+    return out
+
+
 def _load_snippet(info: CardInfo) -> str:
     rid = info.repo_id
     if info.model_kind == "diffusers":
@@ -283,7 +326,16 @@ def render_section(info: CardInfo) -> str:
         out += [f"License: `{info.license}`, carried over from the base model.", ""]
 
     out += ["## Evaluation", ""]
+    figures = list(info.figures)
     if info.eval_metrics is not None:
+        real = real_image_section(info.eval_metrics)
+        if real:
+            out += real
+            cycles = [f for f in figures if Path(f).name == "cycles.png"]
+            for fig in cycles:
+                out += [f"![cycles]({fig})", ""]
+                figures.remove(fig)
+            out += ["### All metrics", ""]
         out += [_eval_table(info.eval_metrics), ""]
         cfg = info.eval_metrics.get("config") if isinstance(info.eval_metrics, dict) else None
         if cfg:
@@ -299,7 +351,7 @@ def render_section(info: CardInfo) -> str:
                                "after": info.checkpoint_metrics["after"]}), ""]
     else:
         out += ["No evaluation was pushed with this model; run `selfconsist eval` to measure it.", ""]
-    for fig in info.figures:
+    for fig in figures:
         out += [f"![{Path(fig).stem}]({fig})", ""]
 
     out += ["## How it was made", ""]

@@ -49,6 +49,23 @@ def kl_to_standard_normal(mean_hat: Tensor, logvar_hat: Tensor) -> Tensor:
     return 0.5 * _sum_per_item(mean_hat.pow(2) + logvar_hat.exp() - 1.0 - logvar_hat)
 
 
+def kl_diagonal_gaussians(mean_q: Tensor, logvar_q: Tensor, mean_p: Tensor,
+                          logvar_p: Tensor) -> Tensor:
+    r"""KL(N(μ_q, σ_q²) ‖ N(μ_p, σ_p²)) for diagonal Gaussians, summed over elements.
+
+    KL = ½ Σᵢ (log σ_pᵢ² − log σ_qᵢ² + (σ_qᵢ² + (μ_qᵢ − μ_pᵢ)²) / σ_pᵢ² − 1).
+
+    ``tune``'s anchor uses it with q the tuned and p the frozen base encoder on the same input.
+    It is invariant under a shared affine map of z, so raw and whitened latents give the same
+    value. With a sharp base posterior (SD-style VAEs: σ_p ≈ 1% of the latent spread) it is
+    dominated by (μ_q − μ_p)²/(2σ_p²), i.e. very large per unit of shift, which is why the
+    useful anchor weights there are small (see the README's latent-diffusion section).
+    """
+    var_ratio = (logvar_q - logvar_p).exp()
+    return 0.5 * _sum_per_item(logvar_p - logvar_q + var_ratio
+                               + (mean_q - mean_p).pow(2) / logvar_p.exp() - 1.0)
+
+
 def gaussian_log_likelihood(x: Tensor, x_mean: Tensor, obs_var: float) -> Tensor:
     r"""log N(x; g(z), v I), summed over data elements.
 

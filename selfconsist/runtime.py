@@ -1,17 +1,23 @@
-"""Small pieces the training recipes share: devices, precision, progress, the NaN guard."""
+"""Small pieces the training recipes share: devices, precision, progress and logging, the NaN
+guard, and stopping cleanly on SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+import signal
 import sys
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import NonFiniteLossError, SelfconsistError
+from .errors import Interrupted, NonFiniteLossError, SelfconsistError
 
 
 def resolve_device(name: str) -> torch.device:
@@ -109,45 +115,198 @@ def check_finite(step: int, loss: torch.Tensor) -> None:
         raise NonFiniteLossError(f"loss became {value} at step {step}")
 
 
+LOGGER_NAME = "selfconsist"
+log = logging.getLogger(LOGGER_NAME)
+
+
+def stderr_is_terminal() -> bool:
+    """Whether stderr is an interactive terminal (a bar) rather than a file or pipe (log lines)."""
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(isatty and isatty()) and os.environ.get("TERM") != "dumb"
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A stream handler that writes to whatever ``sys.stderr`` is at the time of each record
+    (so a redirected or captured stderr, as in tests, is honoured)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:  # StreamHandler.__init__ assigns it; ignore
+        pass
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Route the ``selfconsist`` logger to stderr, for the CLI: rich's handler on a terminal,
+    plain timestamped lines otherwise (a log file, SLURM, CI). Library users configure
+    ``logging`` themselves; without that, only warnings reach stderr."""
+    logger = logging.getLogger(LOGGER_NAME)
+    for h in [h for h in logger.handlers if getattr(h, "_selfconsist_cli", False)]:
+        logger.removeHandler(h)
+    handler: logging.Handler
+    if stderr_is_terminal():
+        from rich.console import Console
+        from rich.logging import RichHandler
+
+        # Console(stderr=True) resolves sys.stderr per write, so lines land above a live bar.
+        handler = RichHandler(console=Console(stderr=True), show_time=False, show_path=False,
+                              show_level=False, markup=False, rich_tracebacks=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    handler._selfconsist_cli = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+
+
+def ensure_logging() -> None:
+    """For a run with ``progress=True`` in a Python session where logging was never configured
+    (no handler on ``selfconsist`` nor on the root logger): show the progress lines on stderr
+    as the CLI does, at the logger's own level (INFO when unset). Any configuration the user
+    made, even later with a root handler first, takes precedence over this default."""
+    logger = logging.getLogger(LOGGER_NAME)
+    if logger.handlers or logging.getLogger().handlers:
+        return
+    setup_logging(logger.level if logger.level != logging.NOTSET else logging.INFO)
+
+
+def silenced() -> bool:
+    """Whether the ``selfconsist`` logger was set above INFO (``--quiet``, or a library user's
+    ``logging.getLogger("selfconsist").setLevel(logging.WARNING)``): then no bar either."""
+    return log.level > logging.INFO
+
+
+def format_duration(seconds: float) -> str:
+    """2.34 → ``2.3 s``; 42.4 → ``42 s``; 125 → ``2:05``; 3725 → ``1:02:05``; unknown → ``?``."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    if seconds < 9.95:
+        return f"{seconds:.1f} s"
+    if seconds < 59.5:
+        return f"{seconds:.0f} s"
+    s = int(round(seconds))
+    h, m = divmod(s // 60, 60)
+    return f"{h}:{m:02d}:{s % 60:02d}" if h else f"{m}:{s % 60:02d}"
+
+
+def format_terms(terms: dict[str, float]) -> list[str]:
+    return [f"{k} {v:.4g}" for k, v in terms.items()]
+
+
 class Progress:
-    """A rich progress bar on stderr showing step and the latest loss terms (or nothing)."""
+    """Progress of a loop of ``total`` steps, on stderr.
 
-    def __init__(self, total: int, description: str, enabled: bool = True, start: int = 0) -> None:
-        self.enabled = enabled and total > 0
-        self._bar: Any = None
+    On a terminal: a rich bar sized to the terminal, whose text always keeps step/total, it/s
+    and the ETA (80 columns also hold the first two or three ``terms``; wider terminals show
+    more). Elsewhere (a log file, a pipe, CI): plain lines through the ``selfconsist`` logger,
+    for the first step, then every ``every`` steps (default 5% of the run) or ``seconds``
+    (30 s), whichever comes first, and the last step; each line holds step, every loss term,
+    it/s and ETA, and an end line gives the duration. ``enabled=False`` shows nothing; so does
+    a logger set above INFO (``--quiet``).
+    """
+
+    MIN_BAR = 10
+
+    def __init__(self, total: int, description: str, enabled: bool = True, start: int = 0, *,
+                 every: int | None = None, seconds: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic, console: Any = None,
+                 terminal: bool | None = None) -> None:
+        self.enabled = enabled and total > 0 and not silenced()
         self.total, self.start, self.description = total, start, description
+        self.every = every if every is not None else max(1, math.ceil(0.05 * total))
+        self.seconds, self.clock, self._console = seconds, clock, console
+        self.terminal = (terminal if terminal is not None
+                         else console is not None or stderr_is_terminal())
+        self._bar: Any = None
+        self.step = start
+        self._logged_step: int | None = None
+        self._logged_at = 0.0
+        self._terms: dict[str, float] = {}
 
+    # --- timing -------------------------------------------------------------------------------
+    def rate(self, now: float | None = None) -> float:
+        """Steps per second since the loop began (or resumed)."""
+        elapsed = (self.clock() if now is None else now) - self._t0
+        done = self.step - self.start
+        return done / elapsed if elapsed > 0 and done > 0 else float("nan")
+
+    def eta(self, now: float | None = None) -> float:
+        r = self.rate(now)
+        return (self.total - self.step) / r if r > 0 else float("nan")
+
+    def core(self, now: float | None = None) -> str:
+        """``step/total, it/s, ETA``: the part of the line that is never dropped."""
+        r = self.rate(now)
+        rate = f"{r:.3g} it/s" if math.isfinite(r) else "– it/s"
+        return f"{self.step}/{self.total} {rate} ETA {format_duration(self.eta(now))}"
+
+    def bar_text(self, width: int) -> tuple[str, int]:
+        """The text right of the bar and the bar's width, for a terminal ``width`` wide:
+        step/total, it/s and ETA always, then as many terms (in order) as still fit."""
+        fixed = len(self.description) + 2  # the description and the two column gaps
+        text = self.core()
+        for t in format_terms(self._terms):
+            if fixed + self.MIN_BAR + len(text) + 2 + len(t) > width - 1:
+                break
+            text += "  " + t
+        bar = max(self.MIN_BAR // 2, min(40, width - 1 - fixed - len(text)))
+        return text, bar
+
+    # --- context --------------------------------------------------------------------------------
     def __enter__(self) -> Progress:
         if self.enabled:
+            ensure_logging()
+        self._t0 = self._logged_at = self.clock()
+        if self.enabled and self.terminal:
             from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
+            from rich.progress import BarColumn, TextColumn
             from rich.progress import Progress as RP
 
-            self._bar = RP(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[terms]}"),
-                console=Console(stderr=True), transient=False,
-            )
+            console = self._console or Console(stderr=True)
+            self._width = console.width
+            self._barcol = BarColumn(bar_width=20)
+            self._bar = RP(TextColumn("[bold]{task.description}"), self._barcol,
+                           TextColumn("{task.fields[info]}", markup=False),
+                           console=console, transient=False, expand=False)
             self._bar.__enter__()
             self._task = self._bar.add_task(self.description, total=self.total,
-                                             completed=self.start, terms="")
+                                            completed=self.start, info=self.core())
         return self
 
     def update(self, step: int, terms: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.step, self._terms = step, dict(terms)
         if self._bar is not None:
-            text = "  ".join(f"{k} {v:.4g}" for k, v in terms.items())
-            self._bar.update(self._task, completed=step, terms=text)
+            text, width = self.bar_text(self._width)
+            self._barcol.bar_width = width
+            self._bar.update(self._task, completed=step, info=text)
+            return
+        now = self.clock()
+        if (self._logged_step is None or step >= self._logged_step + self.every
+                or now - self._logged_at >= self.seconds or step >= self.total):
+            self._logged_step, self._logged_at = step, now
+            log.info("%s: step %s (%d%%)  %s", self.description, self.core(now),
+                     100 * step // self.total, "  ".join(format_terms(self._terms)))
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
         if self._bar is not None:
-            self._bar.__exit__(*exc)
-
+            self._bar.__exit__(exc_type, *exc)
+        if not self.enabled:
+            return
+        elapsed = self.clock() - self._t0
+        r = self.rate()
+        speed = f", {r:.3g} it/s" if math.isfinite(r) else ""
+        if exc_type is None:
+            log.info("%s: %d steps done in %s%s", self.description, self.step - self.start,
+                     format_duration(elapsed), speed)
+        else:
+            log.info("%s: stopped at step %d/%d after %s", self.description, self.step,
+                     self.total, format_duration(elapsed))
 
 def nonfinite_stop(error: NonFiniteLossError, out: Path | None, state_file: Path | None) -> NonFiniteLossError:
     """The error a recipe raises after a NaN/Inf loss, saying what was (not) kept.
@@ -162,8 +321,172 @@ def nonfinite_stop(error: NonFiniteLossError, out: Path | None, state_file: Path
 
 
 @contextmanager
-def stage(message: str, enabled: bool = True) -> Iterator[None]:
-    """Print a one-line stage note on stderr (progress goes to stderr, results to stdout)."""
+def stage(message: str, enabled: bool = True, detail: str = "") -> Iterator[None]:
+    """Log the start of a phase (with ``detail``) and, at its end, how long it took (INFO on
+    the ``selfconsist`` logger)."""
+    t0 = time.monotonic()
     if enabled:
-        print(message, file=sys.stderr, flush=True)
+        ensure_logging()
+        log.info("%s%s …", message, f" ({detail})" if detail else "")
     yield
+    if enabled:
+        log.info("%s: done in %s", message, format_duration(time.monotonic() - t0))
+
+
+class Stages:
+    """Progress over a known number of stages (``eval``): a rich bar with the current stage on
+    a terminal; otherwise one log line when a stage starts and one with its duration when it
+    ends. Disabled (or under ``--quiet``) it shows nothing."""
+
+    def __init__(self, total: int, description: str, enabled: bool = True) -> None:
+        self.total, self.description = total, description
+        self.enabled = enabled and not silenced()
+        self._bar: Any = None
+        self.done = 0
+
+    def __enter__(self) -> Stages:
+        self._t0 = time.monotonic()
+        if self.enabled:
+            ensure_logging()
+        if self.enabled and stderr_is_terminal():
+            from rich import progress as rp
+            from rich.console import Console
+
+            self._bar = rp.Progress(rp.TextColumn(f"[bold]{self.description}"), rp.BarColumn(),
+                                    rp.MofNCompleteColumn(), rp.TimeElapsedColumn(),
+                                    rp.TextColumn("{task.description}", markup=False),
+                                    console=Console(stderr=True))
+            self._bar.__enter__()
+            self._task = self._bar.add_task("", total=self.total)
+        return self
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        t0 = time.monotonic()
+        where = f"{self.description} [{self.done + 1}/{self.total}] {name}"
+        if self._bar is not None:
+            self._bar.update(self._task, description=name)
+        elif self.enabled:
+            log.info("%s …", where)
+        yield
+        self.done += 1
+        if self._bar is not None:
+            self._bar.advance(self._task)
+        elif self.enabled:
+            log.info("%s: done in %s", where, format_duration(time.monotonic() - t0))
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(exc_type, *exc)
+        if self.enabled and exc_type is None:
+            log.info("%s: %d stages done in %s", self.description, self.done,
+                     format_duration(time.monotonic() - self._t0))
+
+
+# --- SIGINT/SIGTERM: stop at a step boundary with a resumable state ----------------------------
+
+class StopSignal(BaseException):
+    """Raised inside a run when SIGINT/SIGTERM arrives (a BaseException, so that no
+    ``except Exception`` on the way swallows it). ``forced``: a second signal that did not
+    wait for the step boundary, so the state of the step in progress must not be saved."""
+
+    def __init__(self, signum: int, forced: bool = False) -> None:
+        super().__init__(signum)
+        self.signum, self.forced = signum, forced
+
+
+class SignalStop:
+    """The signal state of a run under :func:`stop_on_signals`.
+
+    ``checkpoint`` (set by the run once it has something to save) writes the resumable state
+    and returns ``(step, state file)``. Inside :meth:`deferred` (a training step) a signal is
+    only noted, and :meth:`check` raises it at the next step boundary; elsewhere (measurements)
+    it raises at once. A second signal always raises at once and is not checkpointed.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.checkpoint: Callable[[], tuple[int, Path | None]] | None = None
+        self._defer = False
+
+    def handle(self, signum: int, frame: object = None) -> None:
+        again = self.signum is not None
+        self.signum = signum
+        if again:
+            raise StopSignal(signum, forced=True)
+        if not self._defer:
+            raise StopSignal(signum)
+
+    def check(self) -> None:
+        """At a step boundary: stop now if a signal has arrived."""
+        if self.signum is not None:
+            raise StopSignal(self.signum)
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        self._defer = True
+        try:
+            yield
+        finally:
+            self._defer = False
+
+
+_ACTIVE: list[SignalStop] = []
+
+
+def current_stop() -> SignalStop:
+    """The :class:`SignalStop` of the innermost :func:`stop_on_signals` (a detached one when
+    there is none, e.g. outside the main thread), so runs can call it unconditionally."""
+    return _ACTIVE[-1] if _ACTIVE else SignalStop()
+
+
+@contextmanager
+def stop_on_signals(what: str = "the run") -> Iterator[SignalStop]:
+    """Turn SIGINT and SIGTERM into a clean stop: the run saves its resumable state at the
+    current step (through ``checkpoint``) and :class:`~selfconsist.errors.Interrupted` is
+    raised (exit code 128 + signal: 130 for SIGINT, 143 for SIGTERM). The previous handlers
+    are restored on exit. Outside the main thread (where handlers cannot be set) it does
+    nothing."""
+    stop = SignalStop()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    signals = (signal.SIGINT, signal.SIGTERM)
+    old = {s: signal.getsignal(s) for s in signals}
+    for s in signals:
+        signal.signal(s, stop.handle)
+    _ACTIVE.append(stop)
+    try:
+        yield stop
+    except StopSignal as e:
+        name = signal.Signals(e.signum).name
+        saved = None
+        if stop.checkpoint is not None and not e.forced:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # the save itself must not be cut
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            saved = stop.checkpoint()
+        if saved is not None:
+            step, path = saved
+            raise Interrupted(f"{what} stopped by {name} at step {step}; its state is saved in "
+                              f"{path}", e.signum, step, path) from None
+        raise Interrupted(f"{what} stopped by {name}; nothing new was saved (a previous "
+                          "periodic state, if any, is kept)", e.signum) from None
+    finally:
+        _ACTIVE.remove(stop)
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def stoppable(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorate a run function so that it runs under :func:`stop_on_signals`."""
+    import functools
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with stop_on_signals(what):
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+    return deco

@@ -37,7 +37,15 @@ from .io import (
     state_path_for,
 )
 from .models import INITS, ModelConfig
-from .runtime import Progress, adam, check_finite, nonfinite_stop, resolve_device
+from .runtime import (
+    Progress,
+    adam,
+    check_finite,
+    current_stop,
+    nonfinite_stop,
+    resolve_device,
+    stoppable,
+)
 from .validate import require_finite
 
 
@@ -107,6 +115,7 @@ def avae_step_terms(vae: BuiltinVAE, x: torch.Tensor, gen: torch.Generator, rho:
 
 
 @locks_output
+@stoppable("train")
 def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
           progress: bool = True, data: Dataset | None = None) -> BuiltinVAE:
     """Train a built-in VAE and write it to ``out`` (one .safetensors with the config in its header)."""
@@ -138,10 +147,20 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, overwrite:
                            "encoder": vae.encoder.state_dict(), "decoder": vae.decoder.state_dict(),
                            "optimizer": opt.state_dict(), "rng": rng_state(gen)}, state_file)
 
+    # SIGINT/SIGTERM: acted on at the end of the step in progress; the state of the last
+    # finished step is saved so that --resume continues from it.
+    signals, done = current_stop(), start
+
+    def checkpoint() -> tuple[int, Path]:
+        save_state(done)
+        return done, state_file
+
+    signals.checkpoint = checkpoint
     rho = cfg.rho if cfg.objective == "avae" else None
     vae.encoder.train()
     vae.decoder.train()
-    with Progress(cfg.steps, f"train {cfg.objective}", enabled=progress, start=start) as bar:
+    with (Progress(cfg.steps, f"train {cfg.objective}", enabled=progress, start=start) as bar,
+          signals.deferred()):
         for step in range(start, cfg.steps):
             idx = torch.randint(x_all.shape[0], (cfg.batch_size,), generator=gen)
             terms = avae_step_terms(vae, x_all[idx.to(device)], gen, rho)
@@ -155,11 +174,13 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, overwrite:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            done = step + 1
             if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
                 save_state(step + 1)
             if step % 10 == 0 or step + 1 == cfg.steps:
                 bar.update(step + 1, {"loss": loss.item(),
                                       **{k: v.mean().item() for k, v in terms.items()}})
+            signals.check()
 
     vae.encoder.eval()
     vae.decoder.eval()
@@ -167,7 +188,9 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, overwrite:
     meta = {META_PREFIX + "train_config": json_meta(asdict(cfg)),
             META_PREFIX + "version": __version__,
             META_PREFIX + "data": json.dumps({"name": data.name, "n": int(x_all.shape[0])})}
-    with atomic_output(out, overwrite=overwrite) as tmp:
-        vae.save(tmp, meta)
-    state_file.unlink(missing_ok=True)
+    with signals.deferred():  # OUT is whole or absent; a signal now lets the run finish
+        with atomic_output(out, overwrite=overwrite) as tmp:
+            vae.save(tmp, meta)
+        signals.checkpoint = None
+        state_file.unlink(missing_ok=True)
     return vae

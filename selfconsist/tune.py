@@ -2,12 +2,20 @@
 
 The whole recipe, top to bottom (notation of ``shared/design/avae.md``):
 
-    z₀ ~ p(z)                       (or a row of a latents file)
+    z₀ ~ p(z)                       (or refined, or a latents file, or image posteriors)
     x  = g(z₀)                      frozen decoder, no gradient
     q  = q(z|x),  z = μ + ε·σ       the encoder being tuned
     x̃  = g(z)                       gradient reaches μ, σ through z (λ_rec > 0)
     q′ = q(z′|sg[x̃])                re-encoding of the decoded sample
-    maximise  λ_rec·log p(x|z) − KL(q ‖ p) + C(x)      over the encoder only
+    maximise  λ_rec·log p(x|z) − KL(q ‖ p) + C(x) − a·KL(q ‖ q_base)   over the encoder only
+
+Where z₀ comes from (:class:`Z0Source`): the prior; the prior *refined* by the frozen base
+encoder, z ← μ_base(g(z)) a few times, which is still data-free but lands z₀ where the encoder
+puts decoded images (a sharp VAE's aggregate posterior is far from any Gaussian); a latents
+file; or the posteriors of a folder of the user's own images. The optional anchor (weight
+a > 0) keeps the tuned encoder's posterior near the frozen base encoder's on the anchor inputs
+(the user's images when given, else the decoded samples), so that latents a diffusion model was
+trained on stay where they were.
 
 The decoder is frozen (eval mode, ``requires_grad=False``, not in the optimiser)
 and checked to be bit-for-bit unchanged before anything is written. A resumable
@@ -18,8 +26,9 @@ at exactly the weights of an uninterrupted run.
 
 from __future__ import annotations
 
+import copy
+import logging
 import math
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +54,7 @@ from .io import (
     state_path_for,
 )
 from .metrics import responsive_elements, roundtrip_summary
+from .realimage import channel_std, latent_shift_per_image, shift_warning
 from .runtime import (
     PRECISIONS,
     Progress,
@@ -52,14 +62,19 @@ from .runtime import (
     autocast,
     check_finite,
     cpu_fast_path,
+    current_stop,
+    log,
     nonfinite_stop,
     resolve_device,
     resolve_precision,
     set_channels_last,
+    stage,
+    stoppable,
 )
 from .validate import require_finite
 
 SCHEDULES = ("constant", "cosine", "linear")
+SHIFT_SAMPLES = 64  # inputs on which tune measures the latent shift (two encoder passes)
 
 
 @dataclass
@@ -86,6 +101,10 @@ class TuneConfig:
     sample_noise: bool = False  # add N(0, v) observation noise to decoded samples
     prior: str | None = None  # None: the adapter's default prior
     latents: str | None = None  # sample z₀ from this file instead of the prior
+    images: str | None = None  # or from the base posteriors of this folder of images
+    fit: str = "crop"  # how --images of another size are brought to the model's (crop or tile)
+    prior_refine: int = 0  # refine prior draws by z ← μ_base(g(z)) this many times
+    anchor: float = 0.0  # weight a of KL(q_tuned(z|x) ‖ q_base(z|x)) on the anchor inputs
     save_every: int = 500
     eval_samples: int | None = None  # before/after round-trip samples; None: sized to the run
 
@@ -104,8 +123,27 @@ class TuneConfig:
             raise SelfconsistError("--obs-var must be positive")
         if self.schedule not in SCHEDULES:
             raise SelfconsistError(f"--schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.prior_refine < 0:
+            raise SelfconsistError("--prior-refine must be ≥ 0")
+        if self.anchor < 0:
+            raise SelfconsistError("--anchor must be ≥ 0")
+        if self.fit not in ("crop", "tile"):
+            raise SelfconsistError(f"--fit must be crop or tile, got {self.fit!r}")
+        if self.latents and self.images:
+            raise SelfconsistError("pass --latents or --images, not both")
+        if self.prior_refine and (self.latents or self.images):
+            raise SelfconsistError("--prior-refine refines prior draws; it does not apply to "
+                                   "--latents or --images")
         if self.precision not in PRECISIONS:
             raise SelfconsistError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
+
+
+    @classmethod
+    def for_model(cls, vae: VAEAdapter | None, **settings: Any) -> TuneConfig:
+        """The defaults for ``vae``'s family (``type(vae).tune_defaults``, chosen by evidence;
+        see the README), overridden by every setting given that is not None."""
+        given = {k: v for k, v in settings.items() if v is not None}
+        return cls(**{**getattr(vae, "tune_defaults", {}), **given})
 
 
 @dataclass
@@ -114,6 +152,9 @@ class TuneResult:
     before: dict[str, dict[str, float]]
     after: dict[str, dict[str, float]]
     out: Path | None = None
+    #: Mean |μ_tuned − μ_base| in base-latent standard deviations, on the --images (when given)
+    #: or on decoded prior samples; see :func:`selfconsist.realimage.latent_shift_per_image`.
+    latent_shift: dict[str, float] | None = None
     #: The tuned model in the kind the caller passed: for an in-memory diffusers/pythae model
     #: the tuned copy (in the caller's dtype and device); otherwise the adapter (``vae``).
     model: Any = None
@@ -167,9 +208,89 @@ def load_latents(path: str | Path, latent_shape: tuple[int, ...]) -> Tensor:
     return z
 
 
+def load_images(folder: str | Path, vae: VAEAdapter, fit: str = "crop") -> Tensor:
+    """A folder of images as a batch in the model's data shape and range (``--images``)."""
+    from .data import load_image_folder
+
+    path = Path(folder)
+    if not path.is_dir():
+        raise SelfconsistError(f"--images {path}: no such folder")
+    try:
+        data = load_image_folder(path, tuple(vae.data_shape), fit=fit, data_range=vae.data_range)
+    except SelfconsistError as e:
+        raise SelfconsistError(f"--images: {e}") from None
+    return data.x
+
+
+def _frozen_copy(vae: VAEAdapter) -> VAEAdapter:
+    """A frozen deep copy: the base encoder for refinement and the anchor. It costs one more
+    copy of the model's weights, and keeps the reference fixed while the encoder trains."""
+    base = copy.deepcopy(vae)
+    for p in base.encoder_parameters():
+        p.requires_grad_(False)
+    base.freeze_decoder()
+    base.set_encoder_mode(False)
+    return base
+
+
+@torch.no_grad()
+def _encode_all(vae: VAEAdapter, x: Tensor, batch_size: int = 64) -> tuple[Tensor, Tensor]:
+    """(mean, logvar) of q(z|x) for a whole batch, in chunks, on the CPU."""
+    means, logvars = [], []
+    for i in range(0, x.shape[0], batch_size):
+        q = vae.encode(x[i:i + batch_size].to(vae.device))
+        means.append(q.mean.float().cpu())
+        logvars.append(q.logvar.float().cpu())
+    return torch.cat(means), torch.cat(logvars)
+
+
+class Z0Source:
+    """Where the latents z₀ that are decoded into training samples come from.
+
+    * ``prior``: z₀ ~ p(z), the adapter's prior (for diffusers models, the latent distribution
+      the diffusion pipeline decodes from);
+    * ``refined``: a prior draw followed by ``prior_refine`` steps of z ← μ_base(g(z)) through
+      the frozen base model. Still data-free; the draws land where the encoder puts decoded
+      images, which for a sharp VAE is far from the Gaussian;
+    * ``latents``: rows of a user's latents file;
+    * ``images``: z₀ = μ + σ·ε from the base posteriors of a user's images, encoded once.
+    """
+
+    def __init__(self, vae: VAEAdapter, cfg: TuneConfig, base: VAEAdapter | None = None,
+                 images: Tensor | None = None) -> None:
+        self.vae, self.cfg, self.base = vae, cfg, base
+        self.latents = load_latents(cfg.latents, vae.latent_shape) if cfg.latents else None
+        self.posteriors = _encode_all(vae, images) if images is not None else None
+        self.kind = ("latents" if cfg.latents else "images" if images is not None
+                     else "refined" if cfg.prior_refine else "prior")
+
+    def sample(self, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor | None]:
+        """(z₀, indices of the images drawn or None)."""
+        dev = self.vae.device
+        if self.latents is not None:
+            return self.latents[torch.randint(self.latents.shape[0], (n,), generator=gen)].to(dev), None
+        if self.posteriors is not None:
+            idx = torch.randint(self.posteriors[0].shape[0], (n,), generator=gen)
+            mean, logvar = (t[idx].to(dev) for t in self.posteriors)
+            return obj.reparameterize(mean, logvar, gen), idx
+        z = self.vae.sample_prior(n, gen)
+        if self.cfg.prior_refine:
+            with torch.no_grad():
+                for _ in range(self.cfg.prior_refine):
+                    z = self.base.encode(self.base.decode(z).float()).mean.float()
+        return z, None
+
+
 def posthoc_terms(vae: VAEAdapter, z0: Tensor, cfg: TuneConfig, obs_var: float,
-                  gen: torch.Generator) -> dict[str, Tensor]:
-    """Per-item terms of L_post on a batch of prior latents z₀ (see the module docstring)."""
+                  gen: torch.Generator, base: VAEAdapter | None = None,
+                  anchor_x: Tensor | None = None,
+                  anchor_q: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
+    """Per-item terms of L_post on a batch of latents z₀ (see the module docstring).
+
+    With ``cfg.anchor > 0`` an ``anchor`` term KL(q_tuned(z|x) ‖ q_base(z|x)) is added: on
+    ``anchor_x`` with the base posteriors ``anchor_q`` precomputed (the user's images), or else
+    on the decoded samples x through the frozen ``base`` model (one more encoder forward).
+    """
     prior = vae.prior
     with torch.no_grad():
         x = vae.decode(z0).float()
@@ -187,8 +308,34 @@ def posthoc_terms(vae: VAEAdapter, z0: Tensor, cfg: TuneConfig, obs_var: float,
         log_lik = torch.zeros(x.shape[0], device=x.device)
     q2 = vae.encode(x_rec.detach())  # x̃ is a constant: stop-gradient
     mh2, lvh2 = obj.whiten(q2.mean.float(), q2.logvar.float(), prior.mean, prior.std)
-    return {"log_lik": log_lik, "kl": obj.kl_to_standard_normal(mh, lvh),
-            "coupling": obj.coupling_term(mh, lvh, mh2, lvh2, cfg.rho)}
+    terms = {"log_lik": log_lik, "kl": obj.kl_to_standard_normal(mh, lvh),
+             "coupling": obj.coupling_term(mh, lvh, mh2, lvh2, cfg.rho)}
+    if cfg.anchor > 0:
+        if anchor_x is not None and anchor_q is not None:
+            qa, (mb, lvb) = vae.encode(anchor_x), anchor_q
+        else:
+            qa = q
+            with torch.no_grad():
+                qb = base.encode(x)
+            mb, lvb = qb.mean.float(), qb.logvar.float()
+        terms["anchor"] = obj.kl_diagonal_gaussians(qa.mean.float(), qa.logvar.float(), mb, lvb)
+    return terms
+
+
+@torch.no_grad()
+def _shift_inputs(vae: VAEAdapter, images: Tensor | None, cfg: TuneConfig, n: int) -> Tensor:
+    """Inputs on which tune measures the latent shift: the user's images, else decoded prior
+    samples (a data-free proxy; `selfconsist eval --data` measures it on real images)."""
+    if images is not None:
+        return images[:n]
+    z = vae.sample_prior(n, torch.Generator().manual_seed(cfg.seed + 3))
+    return torch.cat([vae.decode(z[i:i + 32]).float().cpu() for i in range(0, n, 32)])
+
+
+def _latent_shift(mu_base: Tensor, mu_tuned: Tensor) -> dict[str, float]:
+    per = latent_shift_per_image(mu_base, mu_tuned, channel_std(mu_base))
+    se = float(per.std() / math.sqrt(per.numel())) if per.numel() > 1 else float("nan")
+    return {"value": float(per.mean()), "stderr": se}
 
 
 def _responsive(vae: VAEAdapter, cfg: TuneConfig, plan: MeasurementPlan) -> Tensor:
@@ -211,6 +358,7 @@ def _input_sha(vae: VAEAdapter) -> str | None:
 
 
 @locks_output
+@stoppable("tune")
 def tune(vae: VAEAdapter | Any, cfg: TuneConfig | None = None, out: str | Path | None = None, *,
          resume: bool = False, overwrite: bool = False, progress: bool = True,
          metadata: dict[str, str] | None = None) -> TuneResult:
@@ -248,7 +396,12 @@ def tune(vae: VAEAdapter | Any, cfg: TuneConfig | None = None, out: str | Path |
     obs_var = cfg.obs_var if cfg.obs_var is not None else vae.obs_var
     d = math.prod(vae.latent_shape)
     input_sha = _input_sha(vae)
-    latents = load_latents(cfg.latents, vae.latent_shape) if cfg.latents else None
+    images = load_images(cfg.images, vae, cfg.fit) if cfg.images else None
+    # The frozen base model is needed only to refine prior draws or to anchor on decoded samples.
+    needs_base = cfg.prior_refine > 0 or (cfg.anchor > 0 and images is None)
+    base = _frozen_copy(vae) if needs_base else None
+    source = Z0Source(vae, cfg, base, images)
+    anchor_q = source.posteriors if cfg.anchor > 0 and images is not None else None
     decoder_before = [p.detach().to("cpu", copy=True) for p in vae.decoder_parameters()]
     plan = measurement_plan(vae, cfg)
 
@@ -277,14 +430,17 @@ def tune(vae: VAEAdapter | Any, cfg: TuneConfig | None = None, out: str | Path |
         set_rng_state(gen, state["rng_ranks"][dist.rank] if dist.active else state["rng"])
         start, before = int(state["step"]), state["before"]
         responsive = state["responsive"]
+        mu_base = state["mu_base"]
     elif not dist.is_main:  # rank 0 measures; the others go straight to the first collective
-        responsive, before = None, {}
+        responsive, before, mu_base = None, {}, None
     else:
-        if progress:  # the measurement can take a while on a big model: say what it is doing
-            print(f"tune: measuring before ({plan.describe()})", file=sys.stderr, flush=True)
-        responsive = _responsive(vae, cfg, plan)
-        before = roundtrip_summary(vae, n=plan.roundtrip_samples, seed=cfg.seed + 1, rho=cfg.rho,
-                                   responsive=responsive)
+        # The measurement can take a while on a big model: say what it is doing, and how long.
+        with stage("tune: measuring before: decoder responses", progress, plan.describe()):
+            responsive = _responsive(vae, cfg, plan)
+        with stage("tune: measuring before: round trip", progress):
+            before = roundtrip_summary(vae, n=plan.roundtrip_samples, seed=cfg.seed + 1,
+                                       rho=cfg.rho, responsive=responsive)
+            mu_base = _encode_all(vae, _shift_inputs(vae, images, cfg, SHIFT_SAMPLES))[0]
 
     def save_state(step: int) -> None:
         if state_file is not None:
@@ -293,28 +449,38 @@ def tune(vae: VAEAdapter | Any, cfg: TuneConfig | None = None, out: str | Path |
                 return
             atomic_torch_save({"config": json_meta(asdict(cfg)), "step": step,
                                "input_sha256": input_sha, "before": before,
-                               "responsive": responsive, "world_size": dist.world_size,
-                               "rng_ranks": rngs,
+                               "responsive": responsive, "mu_base": mu_base,
+                               "world_size": dist.world_size, "rng_ranks": rngs,
                                "encoder": vae.encoder_state(), "optimizer": opt.state_dict(),
                                "scheduler": sched.state_dict(), "rng": rngs[0]}, state_file)
 
     dist.broadcast_(params)  # the same start on every rank, as DDP would ensure
 
+    # SIGINT/SIGTERM: a signal during a step is acted on at the step's end; anywhere after
+    # this point the state of the last finished step is saved, so --resume continues from it.
+    signals, done = current_stop(), start
+
+    def checkpoint() -> tuple[int, Path | None]:
+        save_state(done)
+        return done, state_file
+
+    if state_file is not None:
+        signals.checkpoint = checkpoint
     modules = vae.encoder_modules() + vae.decoder_modules()
     set_channels_last(modules, fast)
     running = None
-    with Progress(cfg.steps, "tune", enabled=progress, start=start) as bar:
+    with Progress(cfg.steps, "tune", enabled=progress, start=start) as bar, signals.deferred():
         for step in range(start, cfg.steps):
-            if latents is None:
-                z0 = vae.sample_prior(cfg.batch_size, gen)
-            else:
-                z0 = latents[torch.randint(latents.shape[0], (cfg.batch_size,), generator=gen)]
-                z0 = z0.to(device)
+            z0, idx = source.sample(cfg.batch_size, gen)
+            anchor_x = images[idx].to(device) if anchor_q is not None else None
+            anchor_b = tuple(t[idx].to(device) for t in anchor_q) if anchor_q is not None else None
             with autocast(device, precision):
-                terms = posthoc_terms(vae, z0, cfg, obs_var, gen)
+                terms = posthoc_terms(vae, z0, cfg, obs_var, gen, base, anchor_x, anchor_b)
             bound = obj.avae_objective(terms["log_lik"], terms["kl"], terms["coupling"],
                                        cfg.lambda_rec)
             loss = -bound.mean()
+            if "anchor" in terms:
+                loss = loss + cfg.anchor * terms["anchor"].mean()
             try:
                 check_finite(step, dist.mean(loss))  # every rank stops together
             except NonFiniteLossError as e:
@@ -324,23 +490,37 @@ def tune(vae: VAEAdapter | Any, cfg: TuneConfig | None = None, out: str | Path |
             dist.average_gradients(params)  # g = (1/N) Σ_r g_r: N × B acts as one batch N·B
             opt.step()
             sched.step()
+            done = step + 1
             if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
                 save_state(step + 1)
+                log.debug("tune: saved the resumable state at step %d to %s", step + 1, state_file)
             # Running consistency figure: −C(x)/d, the coupling KL per latent element.
             cons = -terms["coupling"].mean().item() / d
             running = cons if running is None else 0.95 * running + 0.05 * cons
             if step % 10 == 0 or step + 1 == cfg.steps:
-                bar.update(step + 1, {"loss": loss.item(), "log_lik": terms["log_lik"].mean().item(),
+                # The first terms are the ones an 80-column bar keeps.
+                bar.update(step + 1, {"loss": loss.item(), "cons/elem": running,
+                                      "log_lik": terms["log_lik"].mean().item(),
                                       "kl": terms["kl"].mean().item(),
-                                      "C": terms["coupling"].mean().item(), "cons/elem": running})
+                                      "C": terms["coupling"].mean().item(),
+                                      **({"anchor": terms["anchor"].mean().item()}
+                                         if "anchor" in terms else {})})
+            if dist.active:  # a signal to any rank stops every rank after this same step
+                signals.signum = dist.agree_stop(signals.signum)
+            signals.check()
 
     set_channels_last(modules, False)
-    if progress:
-        print("tune: measuring after", file=sys.stderr, flush=True)
     if not dist.is_main:  # the encoders are identical on every rank; rank 0 measures and writes
         return TuneResult(vae=vae, before={}, after={}, out=None, model=native_like(vae, given))
-    after = roundtrip_summary(vae, n=plan.roundtrip_samples, seed=cfg.seed + 1, rho=cfg.rho,
-                              responsive=responsive)
+    with stage("tune: measuring after", progress):
+        after = roundtrip_summary(vae, n=plan.roundtrip_samples, seed=cfg.seed + 1, rho=cfg.rho,
+                                  responsive=responsive)
+        mu_tuned = _encode_all(vae, _shift_inputs(vae, images, cfg, SHIFT_SAMPLES))[0]
+    shift = _latent_shift(mu_base, mu_tuned)
+    shift["on"] = "images" if images is not None else "decoded prior samples"
+    warning = shift_warning(shift["value"], shift["on"])
+    if warning:
+        logging.getLogger("selfconsist").warning(warning)
     for p, p0 in zip(vae.decoder_parameters(), decoder_before, strict=True):
         if not torch.equal(p.detach().cpu(), p0):  # a guard on our promise, not expected to fire
             raise RuntimeError("the decoder changed during tuning; refusing to write the result")
@@ -354,12 +534,16 @@ def tune(vae: VAEAdapter | Any, cfg: TuneConfig | None = None, out: str | Path |
                                                    "revision": vae.source.revision,
                                                    "license": vae.source.license,
                                                    "format": vae.source.format}),
-                META_PREFIX + "metrics": json_meta({"before": before, "after": after}),
+                META_PREFIX + "metrics": json_meta({"before": before, "after": after,
+                                                    "latent_shift": shift}),
                 META_PREFIX + "world_size": str(dist.world_size),
                 META_PREFIX + "precision": precision,  # what ran (cfg says what was asked)
                 **(metadata or {})}
-        with atomic_output(out, overwrite=overwrite) as tmp:
-            vae.save(tmp, meta)
-        if state_file is not None:
-            state_file.unlink(missing_ok=True)
-    return TuneResult(vae=vae, before=before, after=after, out=out, model=native_like(vae, given))
+        with signals.deferred():  # OUT is whole or absent; a signal now lets the run finish
+            with atomic_output(out, overwrite=overwrite) as tmp:
+                vae.save(tmp, meta)
+            signals.checkpoint = None
+            if state_file is not None:
+                state_file.unlink(missing_ok=True)
+    return TuneResult(vae=vae, before=before, after=after, out=out, latent_shift=shift,
+                      model=native_like(vae, given))

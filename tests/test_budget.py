@@ -33,13 +33,26 @@ def test_explicit_eval_samples_is_honoured() -> None:
     assert plan_measurement(5000, 128, (16,), 300).roundtrip_samples == 300
 
 
-def test_tune_measures_as_planned(digits_model, capsys) -> None:
+def test_tune_measures_as_planned(digits_model) -> None:
+    import io
+    import logging
+
     import selfconsist
     from selfconsist.tune import TuneConfig
 
-    vae = selfconsist.load(digits_model)
-    res = selfconsist.tune(vae, TuneConfig(steps=2, batch_size=4, device="cpu"), progress=True)
-    err = capsys.readouterr().err
+    # Progress is logging (the "selfconsist" logger): capture it with a handler of our own.
+    stream, logger = io.StringIO(), logging.getLogger("selfconsist")
+    handler, level = logging.StreamHandler(stream), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        vae = selfconsist.load(digits_model)
+        res = selfconsist.tune(vae, TuneConfig(steps=2, batch_size=4, device="cpu"),
+                               progress=True)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    err = stream.getvalue()
     plan = plan_measurement(2, 4, tuple(vae.latent_shape))
     assert f"n={plan.roundtrip_samples}" in err and "measuring after" in err
     # a 2-step run measures on the floor budget, not on 1024 samples

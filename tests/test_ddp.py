@@ -45,7 +45,7 @@ rank, b = int(os.environ.get("RANK", "0")), args["batch"]
 rows = slice(rank * b, (rank + 1) * b)
 real, step = T.posthoc_terms, [args["start"]]
 
-def scripted(vae, z0, cfg, obs_var, gen):  # the test hook: this step's z0 and eps rows
+def scripted(vae, z0, cfg, obs_var, gen, *rest):  # the test hook: this step's z0 and eps rows
     s = step[0]
     step[0] += 1
     if s == args["keep_state_at"] and rank == 0:  # the state of step s, as a run cut here leaves it
@@ -54,7 +54,7 @@ def scripted(vae, z0, cfg, obs_var, gen):  # the test hook: this step's z0 and e
     eps, orig = noise["eps"][s, rows], O.reparameterize
     O.reparameterize = lambda m, lv, g=None: m + torch.exp(0.5 * lv) * eps
     try:
-        return real(vae, noise["z"][s, rows], cfg, obs_var, gen)
+        return real(vae, noise["z"][s, rows], cfg, obs_var, gen, *rest)
     finally:
         O.reparameterize = orig
 

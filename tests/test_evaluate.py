@@ -20,6 +20,9 @@ DATA_FREE = {"sample_roundtrip_mse", "latent_roundtrip_corr", "consistency_kl", 
              "adv_shift@0.1", "adv_shift@0.2", "responsive_elements"}
 WITH_DATA = {"recon_mse", "recon_psnr", "active_units", "responsive_active", "drift_data@10",
              "adv_shift_data@0.1", "adv_shift_data@0.2"}
+# image data (C, H, W): the real-image cycles (no SSIM below 11×11, so none on 8×8 digits)
+WITH_IMAGES = {"image_psnr", "cycle_psnr@1", "cycle_psnr@2", "cycle_psnr@5", "cycle_psnr@10",
+               "cycle_db_lost"}
 WITH_LABELS = {"probe_acc", "probe_acc_adv@0.1", "probe_acc_adv@0.2", "probe_acc_ce@0.1", "probe_acc_ce@0.2"}
 
 
@@ -57,7 +60,7 @@ def test_cli_eval_writes_metrics_report_and_figures(models, tmp_path, capsys) ->
     out = tmp_path / "eval"
     code, stdout, stderr = run_cli(eval_args(models, out, "--seed", "3"), capsys)
     assert code == 0, stderr
-    assert "| metric | model | tuned | change | better |" in stdout
+    assert "| metric | model | tuned | change | verdict | better |" in stdout
     assert str(out / "report.md") in stdout
 
     m = json.loads((out / "metrics.json").read_text())
@@ -83,7 +86,7 @@ def test_cli_eval_writes_metrics_report_and_figures(models, tmp_path, capsys) ->
     assert set(m["stderr_methods"]) >= DATA_FREE | WITH_DATA | WITH_LABELS
 
     report = (out / "report.md").read_text()
-    assert "| metric | model | tuned | change | better |" in report
+    assert "| metric | model | tuned | change | verdict | better |" in report
     for key in DATA_FREE | WITH_DATA | WITH_LABELS:
         assert f"`{key}`" in report
     for fig in ("roundtrip", "drift", "adversarial", "metrics"):
@@ -154,7 +157,7 @@ def test_python_api_without_matplotlib(models, tmp_path, monkeypatch, capsys) ->
     assert sorted(p.name for p in (tmp_path / "api").iterdir()) == ["metrics.json", "report.md"]
     assert "## Figures" not in res.report
     got = set(res.metrics["models"]["mine"])
-    assert got == DATA_FREE | WITH_DATA | ({"latent_roundtrip_corr_responsive"} & got)
+    assert got == DATA_FREE | WITH_DATA | WITH_IMAGES | ({"latent_roundtrip_corr_responsive"} & got)
     assert res.metrics["data"]["n_test"] == 60  # no labels: everything is held out
     # the package attribute stays the function even though the module is imported
     assert callable(selfconsist.evaluate)
@@ -170,9 +173,10 @@ def test_render_table_and_config() -> None:
     }}
     table = render_table(metrics)
     lines = table.strip().splitlines()
-    assert lines[0] == "| metric | model | tuned | change | better |"
-    assert "| `probe_acc` | 0.5 ± 0.01 | 0.6 ± 0.01 | +0.1 (+20%) | ↑ |" in lines
-    assert "| `adv_shift@0.1` | 2 | 1 ± 0.1 | -1 (-50%) | ↓ |" in lines
+    assert lines[0] == "| metric | model | tuned | change | verdict | better |"
+    # 0.1 > 2·√(0.01² + 0.01²) ≈ 0.028: a real gain; −1 against a 0.2 threshold: better
+    assert "| `probe_acc` | 0.5 ± 0.01 | 0.6 ± 0.01 | +0.1 (+20%) | **better** | ↑ higher |" in lines
+    assert "| `adv_shift@0.1` | 2 | 1 ± 0.1 | -1 (-50%) | **better** | ↓ lower |" in lines
     assert render_table(metrics["models"], ["tuned"]).splitlines()[0] == (
         "| metric | tuned | better |")
     # ε defaults follow the data range's width; data in [0, 1] maps onto it
@@ -215,3 +219,105 @@ def test_figures_show_unbounded_data_rescaled_for_display():
         assert img.min() == 0.0 and img.max() == 1.0, item.shape
     bounded = to_image(x, (-10.0, 10.0))  # a bounded range maps by (x − lo)/(hi − lo)
     assert abs(float(bounded.min()) - 0.25) < 1e-6 and abs(float(bounded.max()) - 0.75) < 1e-6
+
+
+def test_report_figures_and_stage_lines(models, tmp_path, monkeypatch) -> None:
+    """report.md opens with the verdict summary; the figures hold what they promise (every
+    ε, label and probe prediction, a difference map, ratios); each stage logs its duration."""
+    import io
+    import logging
+
+    from selfconsist import plots
+
+    grids: dict[str, list] = {}
+    real_grid = plots._grid
+
+    def spy(Figure, rows, path, title, col_titles=None):
+        grids[Path(path).stem] = [rows, title]
+        real_grid(Figure, rows, path, title, col_titles)
+
+    monkeypatch.setattr(plots, "_grid", spy)
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger = logging.getLogger("selfconsist")
+    logger.addHandler(handler)
+    monkeypatch.setattr(logger, "level", logging.INFO)
+    try:
+        cfg = EvalConfig(samples=64, device="cpu", bootstrap=20, pgd_steps=3, n_figure=4,
+                         responsive_samples=8)
+        res = selfconsist.evaluate(models[0], compare=models[1], data="digits",
+                                   out=tmp_path / "ev", config=cfg, progress=True)
+    finally:
+        logger.removeHandler(handler)
+    lines = stream.getvalue().splitlines()
+    assert any(ln.startswith("eval [1/") and ln.endswith("…") for ln in lines)
+    assert any("PGD shift (data): done in" in ln for ln in lines)
+    assert "stages done in" in lines[-1]
+
+    report = res.report
+    summary = report.split("## Summary", 1)[1].split("## Metrics", 1)[0]
+    bullets = [ln for ln in summary.splitlines() if ln.startswith("- ")]
+    assert 3 <= len(bullets) <= 4
+    assert bullets[0].startswith("- Improved") and bullets[1].startswith("- Got worse")
+    assert "Decoder-responsive elements" in bullets[-1]
+    assert "| verdict |" in report and "2·√(se₁² + se₂²)" in report
+    assert "latent_roundtrip_corr" in res.metrics["definitions"]
+
+    rows, title = grids["adversarial"]
+    assert "PGD on the latent shift" in title and "ε = 0.1, 0.2" in title
+    labels = [r[0] for r in rows]
+    for name in ("model", "tuned"):
+        for eps in ("0.1", "0.2"):
+            assert f"{name}\nx + δ, ε={eps}" in labels and f"{name}\ng(μ(x + δ)), ε={eps}" in labels
+    clean = rows[labels.index("model\nx")]
+    assert len(clean[2]) == 4 and all(c.startswith("label ") and " · probe " in c
+                                      for c in clean[2])
+    attacked = rows[labels.index("model\nx + δ, ε=0.2")]
+    assert all(c.startswith("probe ") for c in attacked[2])
+
+    rows, _ = grids["roundtrip"]
+    labels = [r[0] for r in rows]
+    # two independently trained decoders draw different samples: each model shows its own
+    assert "model\nx = g(z₀)" in labels and "tuned\nx = g(z₀)" in labels
+    assert "model\n|x − g(μ(x))|" in labels and "tuned\n|x − g(μ(x))|" in labels
+    errs = rows[labels.index("tuned\ng(μ(x))")][2]
+    assert len(errs) == 4 and all(c.startswith("MSE ") for c in errs)
+    assert (tmp_path / "ev" / "metrics.png").exists()
+
+
+def test_metrics_figure_is_a_ratio_chart_of_two_models(tmp_path) -> None:
+    from matplotlib.figure import Figure
+
+    from selfconsist.plots import metrics_figure, ratio_with_error
+
+    r, se = ratio_with_error({"value": 2.0, "stderr": 0.2}, {"value": 1.0, "stderr": 0.1})
+    assert r == pytest.approx(0.5) and se == pytest.approx(0.5 * math.sqrt(0.01 + 0.01))
+    assert ratio_with_error({"value": 0.0, "stderr": 0.0}, {"value": 0.0, "stderr": 0.0}) is None
+    one = {"models": {"model": {"probe_acc": {"value": 0.5, "stderr": 0.01}}}}
+    assert not metrics_figure(Figure, one, tmp_path / "one.png")  # no empty panels
+    two = {"models": {"model": {"probe_acc": {"value": 0.5, "stderr": 0.01},
+                                "probe_acc_ce@0.2": {"value": 0.0, "stderr": 0.0}},
+                      "tuned": {"probe_acc": {"value": 0.6, "stderr": 0.01},
+                                "probe_acc_ce@0.2": {"value": 0.0, "stderr": 0.0}}}}
+    assert metrics_figure(Figure, two, tmp_path / "two.png")
+    assert (tmp_path / "two.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_roundtrip_figure_shows_shared_samples_once(tmp_path, monkeypatch) -> None:
+    # A tuned model keeps the decoder: same z₀, same x = g(z₀), so one row of samples.
+    from matplotlib.figure import Figure
+
+    from selfconsist import plots
+
+    seen = []
+    monkeypatch.setattr(plots, "_grid", lambda F, rows, path, title, c=None: seen.append(rows))
+    x = torch.rand(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    chains = {n: torch.stack([x, (x + d).clamp(0, 1)], 1) for n, d in (("model", 0.2),
+                                                                      ("tuned", 0.05))}
+    arts = {n: {"sample_chains": c, "data_range": (0.0, 1.0)} for n, c in chains.items()}
+    assert plots.roundtrip_figure(Figure, arts, tmp_path / "r.png")
+    labels = [r[0] for r in seen[0]]
+    assert labels == ["x = g(z₀)", "model\ng(μ(x))", "model\n|x − g(μ(x))|",
+                      "tuned\ng(μ(x))", "tuned\n|x − g(μ(x))|"]
+    diff_rows = [r for r in seen[0] if "|x" in r[0]]
+    assert diff_rows[0][3]["vmax"] == diff_rows[1][3]["vmax"]  # one colour scale for both

@@ -306,3 +306,24 @@ def test_estimates_and_bootstrap() -> None:
     assert boot.stderr == pytest.approx(float(data.std() / 20), rel=0.25)
     again = M.bootstrap(lambda rows: float(data[rows].mean()), (400,), gen(18), reps=300)
     assert again == boot  # seeded: deterministic
+
+
+def test_roundtrip_corr_is_one_definition_with_a_sampling_stderr(linear) -> None:
+    # Half the elements re-encode exactly, half carry no information: the mean is ~0.5, and
+    # its standard error is the sampling error over prior samples (small with n = 2000), not
+    # the spread of the per-element correlations (~0.5/√8 ≈ 0.19, what tune once printed).
+    g = gen(7)
+    u0 = torch.randn(2000, 8, generator=g)
+    mu = torch.cat([u0[:, :4], torch.randn(2000, 4, generator=g)], 1)
+    est = M.roundtrip_corr(u0, mu, generator=gen(1))
+    assert est.value == pytest.approx(0.5, abs=0.03)
+    assert 0 < est.stderr < 0.02
+    mask = torch.tensor([True] * 4 + [False] * 4)
+    assert M.roundtrip_corr(u0, mu, mask, gen(1)).value == pytest.approx(1.0, abs=1e-6)
+    # tune's before/after table uses the same estimator on the same draws
+    s = M.roundtrip_summary(linear, n=256, seed=0, rho=0.9, responsive=torch.ones(4, dtype=bool))
+    r = M.sample_roundtrip(linear, 256, torch.Generator().manual_seed(0), 0.9)
+    same = M.roundtrip_corr(r["u0"], r["mu_hat"], None, torch.Generator().manual_seed(1))
+    assert s["latent_roundtrip_corr"] == same.as_dict()
+    assert list(s)[:2] == ["sample_roundtrip_mse", "latent_roundtrip_corr_responsive"]
+    assert "latent_roundtrip_corr" in M.DEFINITIONS

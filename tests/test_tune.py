@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -58,6 +59,22 @@ def test_cli_tune_freezes_decoder_changes_encoder_and_records_metadata(tmp_path,
     assert metrics["after"]["sample_roundtrip_mse"]["value"] < metrics["before"]["sample_roundtrip_mse"]["value"]
     assert meta["selfconsist.command"].startswith("selfconsist tune ")
     assert "sample_roundtrip_mse" in r.stderr  # the before/after table
+    # with its verdicts and a summary that opens it, even under -q (it is a result)
+    assert "lower is better" in r.stderr and "higher is better" in r.stderr
+    assert re.search(r"→ .*   (better|worse|no significant change)$", r.stderr, re.M)
+    assert max(len(ln) for ln in r.stderr.splitlines()[5:]) <= 80  # the per-metric lines
+    assert "Improved" in r.stderr and "Got worse" in r.stderr
+    assert "Decoder-responsive elements" in r.stderr
+    assert "tune: step" not in r.stderr  # -q: no progress
+
+    # info reads as text: no JSON escapes, no 16-digit floats; --json keeps the numbers
+    r = run_cli("info", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "\\u" not in r.stdout and not re.search(r"\.0*[1-9]\d{6,}", r.stdout)
+    assert "before → after" in r.stdout and "sample_roundtrip_mse" in r.stdout
+    assert re.search(r"sample_roundtrip_mse +[\d.e-]+ ± [\d.e-]+ → [\d.e-]+ ± ", r.stdout)
+    r = run_cli("info", str(out), "--json")
+    assert json.loads(r.stdout)["metrics"]["after"] == metrics["after"]
 
 
 def test_refuses_to_overwrite_and_to_write_over_input(tmp_path, digits_model):

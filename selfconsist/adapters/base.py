@@ -101,6 +101,9 @@ class VAEAdapter(ABC):
     likelihood: str = "gaussian"
     #: Observation variance v of the Gaussian likelihood.
     obs_var: float = 1.0
+    #: TuneConfig settings for this family that differ from the generic defaults, chosen by
+    #: evidence (``TuneConfig.for_model`` applies them; explicit options still win).
+    tune_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self) -> None:
         self._prior_name: str | None = None

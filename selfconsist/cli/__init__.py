@@ -2,16 +2,24 @@
 
 Results go to stdout, progress and errors to stderr. A :class:`SelfconsistError`
 (bad input the user can fix) exits with code 2 and no traceback; ``--debug``
-anywhere on the command line shows the traceback instead.
+anywhere on the command line shows the traceback instead. ``--quiet``/``-q`` and
+``--verbose``/``-v`` set the level of the ``selfconsist`` logger and are accepted
+anywhere too. A run stopped by SIGINT/SIGTERM exits with 130/143 after one line that
+says how to resume.
 """
 
 from __future__ import annotations
 
+import logging
+import shlex
 import sys
 
 import typer
 
-from ..errors import NonFiniteLossError, SelfconsistError
+from ..errors import Interrupted, NonFiniteLossError, SelfconsistError
+
+# Flags of the root command that main() also accepts after the command name.
+GLOBAL_FLAGS = ("--debug", "--quiet", "-q", "--verbose", "-v")
 
 app = typer.Typer(
     name="selfconsist",
@@ -35,10 +43,22 @@ def _print_version(value: bool) -> None:
 @app.callback()
 def _root(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    quiet: bool = typer.Option(False, "--quiet", "-q",
+                               help="Only warnings and errors: no progress bar or log lines."),
+    verbose: bool = typer.Option(False, "--verbose", "-v",
+                                 help="Also debug lines (state saves, measurement details)."),
     version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
                                  help="Print the version and exit."),
 ) -> None:
-    """selfconsist: AVAE self-consistency for pretrained VAEs."""
+    """selfconsist: AVAE self-consistency for pretrained VAEs.
+
+    Progress goes to stderr through the `selfconsist` logger: a bar on a terminal, plain
+    lines (step, loss terms, it/s, ETA) in a log file. --quiet and --verbose work on every
+    command, before or after its name.
+    """
+    from ..runtime import setup_logging
+
+    setup_logging(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
 
 
 def _register() -> None:
@@ -55,14 +75,40 @@ def print_error(message: str) -> None:
     Console(stderr=True, soft_wrap=True).print(f"[bold red]Error:[/bold red] {escape(line)}")
 
 
+def resume_command(argv: list[str]) -> str:
+    """The command line that resumes this run: the same one, with --resume."""
+    args = [a for a in argv if a != "--debug"]
+    if "--resume" not in args:
+        args.append("--resume")
+    return "selfconsist " + shlex.join(args)
+
+
+def print_stopped(e: Interrupted, argv: list[str]) -> None:
+    """One line on stderr: what stopped the run and the exact command that resumes it."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    hint = (f"resume with: {resume_command(argv)}" if e.step is not None
+            else "run the same command again to start afresh")
+    line = " ".join(f"{e}; {hint}".split())
+    Console(stderr=True, soft_wrap=True).print(f"[bold yellow]Stopped:[/bold yellow] {escape(line)}")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
-    if debug:  # accept --debug anywhere, hand it to the root callback
-        argv = ["--debug"] + [a for a in argv if a != "--debug"]
+    # Accept the global flags anywhere (before an argument-only "--"), hand them to the root.
+    cut = argv.index("--") if "--" in argv else len(argv)
+    flags = [a for a in argv[:cut] if a in GLOBAL_FLAGS]
+    argv = flags + [a for a in argv[:cut] if a not in GLOBAL_FLAGS] + argv[cut:]
     _register()
     try:
         app(args=argv, prog_name="selfconsist")
+    except Interrupted as e:
+        if debug:
+            raise
+        print_stopped(e, argv)
+        sys.exit(e.exit_code)
     except NonFiniteLossError as e:
         if debug:
             raise

@@ -23,6 +23,18 @@ def parse_eps(text: str | None) -> tuple[float, ...] | None:
                                "e.g. --eps 0.1,0.2") from None
 
 
+def parse_cycles(text: str) -> tuple[int, ...]:
+    """``"1,2,5,10"`` → (1, 2, 5, 10): the K of cycle_psnr@K (positive integers)."""
+    try:
+        ks = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        ks = ()
+    if not ks or min(ks) < 1:
+        raise SelfconsistError(f"--cycles {text!r}: give positive integers separated by commas, "
+                               "e.g. --cycles 1,2,5,10")
+    return ks
+
+
 @app.command("eval")
 @with_load_options
 def eval_command(
@@ -33,7 +45,17 @@ def eval_command(
                                        help="A second checkpoint (e.g. the tuned model)."),
     data: str | None = typer.Option(
         None, "--data", help="Held-out data: digits, mnist:PATH, colormnist:PATH, a .npy/.npz "
-        "file or an image folder, in [0, 1] (mapped to the model's data range)."),
+        "file or an image folder (PNG/JPEG of any size, fitted by --fit), in [0, 1] (mapped to "
+        "the model's data range). Image data adds the real-image cycle metrics."),
+    fit: str = typer.Option("crop", "--fit", help="How an image folder meets the model's size: "
+                            "crop (scale the shorter side to it, centre crop) or tile (every "
+                            "non-overlapping tile, scaled up only if smaller)."),
+    cycles: str = typer.Option("1,2,5,10", "--cycles", help="K of cycle_psnr@K: encode → decode "
+                               "cycles of real images, comma-separated; cycle_db_lost is "
+                               "PSNR@1 − PSNR@(largest K)."),
+    real_images: int | None = typer.Option(
+        None, "--real-images", help="At most N held-out images for the real-image cycles and "
+        "latent compatibility (default: all; --fast: 16)."),
     labels: Path | None = typer.Option(None, "--labels",
                                        help="Integer labels (.npy), one per item of --data."),
     name: str = typer.Option("model", "--name", help="Name of MODEL in the report."),
@@ -67,9 +89,9 @@ def eval_command(
     trust_remote_code: bool = TrustOpt,
     no_figures: bool = typer.Option(False, "--no-figures", help="Skip the PNG figures."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     fast: bool = typer.Option(False, "--fast", help="Quick check: 256 samples, 5 PGD steps, "
-                              "16 probe samples, 50 bootstrap resamples (where left at the defaults)."),
+                              "16 probe samples, 50 bootstrap resamples, 16 real images (where "
+                              "left at the defaults)."),
     load: LoadOptions | None = None,
 ) -> None:
     """Measure self-consistency, robustness and usefulness of MODEL (and --compare).
@@ -84,11 +106,12 @@ def eval_command(
                      drift_k=drift_k, rho=rho, n_train=n_train,
                      probe_train_fraction=probe_train_fraction, n_test=n_test,
                      batch_size=batch_size, device=device, prior=prior,
-                     figures=not no_figures)
+                     figures=not no_figures, fit=fit, cycles=parse_cycles(cycles),
+                     real_images=real_images)
     if fast:
         cfg = fast_config(cfg)
     result = evaluate(model, compare, data=data, labels=labels, out=out, config=cfg, name=name,
-                      compare_name=compare_name, overwrite=overwrite, progress=not quiet,
+                      compare_name=compare_name, overwrite=overwrite, progress=True,
                       adapter=adapter, compare_adapter=compare_adapter,
                       trust_remote_code=trust_remote_code,
                       load_options=(load or LoadOptions()).adapter_options())

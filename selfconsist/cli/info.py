@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+from typing import Any
 
 import typer
 
@@ -50,14 +52,61 @@ def info(
     if as_json:
         echo_json(d)
         return
-    from rich.console import Console
-    from rich.table import Table
+    typer.echo(render_info(str(model), d))
 
-    table = Table(title=str(model), show_header=False)
-    for k, v in d.items():
-        if isinstance(v, int) and k.endswith("parameters"):
-            v = f"{v:,}"
-        elif isinstance(v, (dict, list)):
-            v = json.dumps(v)
-        table.add_row(k, str(v))
-    Console().print(table)
+
+def readable(v: Any) -> str:
+    """A value as a person reads it: 4 significant digits, ``v ± se`` for an estimate, lists
+    as ``[a, b]``, small dicts as ``k: v, …``, no JSON quoting or escapes."""
+    if isinstance(v, bool) or v is None:
+        return {True: "yes", False: "no", None: "–"}[v]
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, int):
+        return f"{v:,}" if abs(v) >= 10_000 else str(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(readable(x) for x in v) + "]"
+    if isinstance(v, dict):
+        if set(v) == {"value", "stderr"}:
+            se = v["stderr"]
+            if isinstance(se, float) and math.isfinite(se) and se > 0:
+                return f"{readable(v['value'])} ± {se:.2g}"
+            return readable(v["value"])
+        return ", ".join(f"{k}: {readable(x)}" for k, x in v.items())
+    return str(v)
+
+
+def render_info(title: str, d: dict[str, Any]) -> str:
+    """The plain-text report of ``info``: one ``name  value`` line per field, the tune record
+    (before → after per metric) under its own heading."""
+    record_keys = ("tune_config", "metrics", "input_sha256", "command", "version")
+    head = {k: v for k, v in d.items() if k not in record_keys}
+    width = max(len(k) for k in [*head, "input sha256"]) + 2
+    lines = [title]
+    for k, v in head.items():
+        if k == "priors" and isinstance(v, dict):
+            default = d.get("default_prior")
+            v = "; ".join(f"{n}: {desc}" + (" (default)" if n == default else "")
+                          for n, desc in v.items())
+        elif k == "default_prior":
+            continue
+        lines.append(f"  {k.replace('_', ' '):<{width}}{readable(v)}")
+    if any(k in d for k in record_keys):
+        lines += ["", "tune record"]
+        for k, label in (("command", "command"), ("version", "selfconsist"),
+                         ("input_sha256", "input sha256")):
+            if k in d:
+                lines.append(f"  {label:<{width}}{readable(d[k])}")
+        cfg = d.get("tune_config")
+        if isinstance(cfg, dict):
+            lines.append(f"  {'config':<{width}}" + ", ".join(
+                f"{k} {readable(v)}" for k, v in cfg.items()))
+        metrics = d.get("metrics")
+        if isinstance(metrics, dict) and {"before", "after"} <= set(metrics):
+            before, after = metrics["before"], metrics["after"]
+            lines.append("  before → after (data-free, prior samples)")
+            mw = max(len(k) for k in before) + 2
+            for k in before:
+                if k in after:
+                    lines.append(f"    {k:<{mw}}{readable(before[k])} → {readable(after[k])}")
+    return "\n".join(lines)

@@ -34,7 +34,6 @@ def train(
                              "trains better) or torch (PyTorch's layer defaults, the old init)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from OUT.state.pt."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Train a built-in VAE from scratch and write one .safetensors with its config in the header."""
     from ..train import TrainConfig
@@ -44,5 +43,5 @@ def train(
                       batch_size=batch_size, lr=lr, seed=seed, device=device, latent_dim=latent_dim,
                       hidden=hidden, depth=depth, obs_var=obs_var, likelihood=likelihood,
                       n_train=n_train, save_every=save_every, init=init)
-    run(cfg, out, resume=resume, overwrite=overwrite, progress=not quiet)
+    run(cfg, out, resume=resume, overwrite=overwrite, progress=True)
     typer.echo(str(out))

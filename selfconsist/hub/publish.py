@@ -191,7 +191,8 @@ def _base_from_meta(meta: Mapping[str, str]) -> SourceInfo:
 
 
 # Boolean flags of `selfconsist tune` (they take no value).
-_TUNE_FLAGS = {"--trust-remote-code", "--sample-noise", "--resume", "--overwrite", "--quiet", "-q",
+_TUNE_FLAGS = {"--trust-remote-code", "--sample-noise", "--no-sample-noise", "--resume", "--overwrite",
+               "--quiet", "-q", "--verbose", "-v",
                "--private", "--create-pr", "--debug", "--enable-tiling", "--gradient-checkpointing",
                "--no-gradient-checkpointing"}
 
