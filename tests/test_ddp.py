@@ -162,6 +162,11 @@ def test_rank0_writes_a_loadable_output(runs) -> None:
     assert json.loads(meta[META_PREFIX + "metrics"])["after"]  # rank 0 measured
     vae = selfconsist.load(runs["two"])
     assert vae.latent_shape == (LATENT,)
+    from selfconsist.cli.info import describe, render_info
+
+    info = describe(vae)  # `selfconsist info` shows how the run ran
+    assert info["world_size"] == 2 and info["precision"] == "fp32"
+    assert "processes" in render_info("two", info)
     left = sorted(p.name for p in runs["tmp"].iterdir() if p.name.startswith("two"))
     assert left == ["two.safetensors"]  # no lock or state left behind by any rank
 
