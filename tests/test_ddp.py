@@ -31,7 +31,7 @@ STEPS, GLOBAL_BATCH, LATENT = 4, 128, 4
 TUNE = dict(steps=STEPS, lr=1e-3, device="cpu", save_every=2, eval_samples=16, seed=0)
 
 WORKER = r'''
-import json, os, shutil, sys
+import json, os, shutil, signal, sys
 args = json.loads(sys.argv[1])
 import torch
 torch.set_num_threads(1)
@@ -39,6 +39,7 @@ import selfconsist
 import selfconsist.objective as O
 import selfconsist.tune as T
 from selfconsist.distributed import teardown
+from selfconsist.errors import Interrupted
 
 noise = torch.load(args["noise"])
 rank, b = int(os.environ.get("RANK", "0")), args["batch"]
@@ -48,6 +49,10 @@ real, step = T.posthoc_terms, [args["start"]]
 def scripted(vae, z0, cfg, obs_var, gen, *rest):  # the test hook: this step's z0 and eps rows
     s = step[0]
     step[0] += 1
+    if s == args["signal_at"] and rank == 1:  # SIGTERM to one rank only, in the middle of a step
+        os.kill(os.getpid(), signal.SIGTERM)
+    if not args["script"]:
+        return real(vae, z0, cfg, obs_var, gen, *rest)
     if s == args["keep_state_at"] and rank == 0:  # the state of step s, as a run cut here leaves it
         from selfconsist.io import state_path_for
         shutil.copy(state_path_for(args["out"]), args["keep_state_as"])
@@ -62,6 +67,9 @@ T.posthoc_terms = scripted
 cfg = T.TuneConfig(batch_size=b, **args["tune"])
 try:
     selfconsist.tune(args["model"], cfg, out=args["out"], resume=args["resume"], progress=False)
+except Interrupted as e:
+    print(json.dumps({"rank": rank, "step": e.step}))
+    sys.exit(e.exit_code)
 finally:
     teardown()
 '''
@@ -74,13 +82,14 @@ def free_port() -> int:
 
 
 def start_workers(tmp: Path, world: int, out: Path, *, start: int = 0, resume: bool = False,
-                  keep_state_at: int = -1, keep_state_as: Path | None = None
-                  ) -> list[subprocess.Popen]:
+                  keep_state_at: int = -1, keep_state_as: Path | None = None,
+                  script: bool = True, signal_at: int = -1) -> list[subprocess.Popen]:
     """Start ``world`` worker processes as torchrun would."""
-    script = tmp / "worker.py"
+    worker = tmp / "worker.py"
     args = {"noise": str(tmp / "noise.pt"), "model": str(tmp / "base.safetensors"), "out": str(out),
             "batch": GLOBAL_BATCH // world, "start": start, "resume": resume,
             "keep_state_at": keep_state_at, "keep_state_as": str(keep_state_as),
+            "script": script, "signal_at": signal_at,
             "tune": TUNE}
     port = free_port()
     procs = []
@@ -90,19 +99,19 @@ def start_workers(tmp: Path, world: int, out: Path, *, start: int = 0, resume: b
             env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                        LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                        GLOO_SOCKET_IFNAME="lo")
-        procs.append(subprocess.Popen([sys.executable, str(script), json.dumps(args)], env=env,
+        procs.append(subprocess.Popen([sys.executable, str(worker), json.dumps(args)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     return procs
 
 
-def wait(procs: list[subprocess.Popen]) -> list[int]:
-    """The workers' exit codes (their output printed when one failed)."""
+def wait(procs: list[subprocess.Popen], expect: int = 0) -> list[int]:
+    """The workers' exit codes (their output printed when one is not ``expect``)."""
     codes = []
     try:
         for p in procs:
             out_text, _ = p.communicate(timeout=120)
             codes.append(p.returncode)
-            if p.returncode != 0:
+            if p.returncode != expect:
                 print(out_text)
     finally:
         for p in procs:  # a hung gloo peer must not outlive the test
@@ -128,9 +137,11 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     one = start_workers(tmp, 1, tmp / "one.safetensors")
     two = start_workers(tmp, 2, tmp / "two.safetensors", keep_state_at=2,
                         keep_state_as=state_path_for(tmp / "cut.safetensors"))
-    assert (wait(one), wait(two)) == ([0], [0, 0])
+    sig = start_workers(tmp, 2, tmp / "sig.safetensors", script=False, signal_at=2)
+    assert (wait(one), wait(two), wait(sig, 143)) == ([0], [0, 0], [143, 143])
     return {"tmp": tmp, "base": tmp / "base.safetensors", "one": tmp / "one.safetensors",
-            "two": tmp / "two.safetensors", "cut": tmp / "cut.safetensors"}
+            "two": tmp / "two.safetensors", "cut": tmp / "cut.safetensors",
+            "sig": tmp / "sig.safetensors"}
 
 
 def split(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -215,3 +226,15 @@ def test_single_process_context_is_a_no_op(monkeypatch) -> None:
     monkeypatch.setenv("RANK", "2")
     with pytest.raises(SelfconsistError, match="RANK=2"):
         env_world()
+
+
+def test_a_signal_to_one_rank_stops_both_after_the_same_step(runs) -> None:
+    """SIGTERM to rank 1 during step 2: both ranks exit 143 after step 2 with one state saved,
+    holding each rank's own generator (the ranks draw different z₀ streams)."""
+    from selfconsist.io import state_path_for
+
+    state = torch.load(state_path_for(runs["sig"]), weights_only=False)
+    assert not runs["sig"].exists()
+    assert state["step"] == 3 and state["world_size"] == 2
+    r0, r1 = state["rng_ranks"]
+    assert not torch.equal(r0["generator"], r1["generator"])
