@@ -12,7 +12,12 @@ encoder only; Adam), in bf16 autocast on CUDA.
     python benchmarks/bench_sd_vae.py --device cpu --size 32 --steps 2   # smoke test
 
 Prints one JSON line: images/s (prior samples per second through the whole step), seconds
-per step, peak GPU memory (``torch.cuda.max_memory_allocated``) and the settings.
+per step, peak GPU memory (``torch.cuda.max_memory_allocated``), the step's FLOPs
+(``torch.utils.flop_counter``), MFU against the GPU's dense bf16 peak (a datasheet table,
+``--peak-tflops`` to override) and against a bf16 gemm measured in the same process, and the
+settings. The issue's goal: ≥ 120 img/s at 256² on an H100 (≥ 35% MFU).
+
+    python benchmarks/bench_sd_vae.py --size 256 && python benchmarks/bench_sd_vae.py --size 512
 """
 
 from __future__ import annotations
@@ -24,6 +29,33 @@ import sys
 import time
 
 import torch
+
+# Dense bf16 tensor-core peaks (TFLOP/s) from NVIDIA's datasheets, matched on the device name.
+BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H200", 989.0), ("H100", 989.0), ("A100", 312.0),
+                    ("L40S", 362.0), ("L4", 121.0), ("A10G", 70.0), ("RTX 4090", 165.0))
+
+
+def datasheet_peak(name: str) -> float | None:
+    for key, tflops in BF16_PEAK_TFLOPS:
+        if key in name:
+            return tflops
+    return None
+
+
+def measured_gemm_peak(device: torch.device, n: int = 8192, reps: int = 10) -> float:
+    """Best bf16 n×n×n matmul rate in TFLOP/s on ``device``."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    a @ b
+    torch.cuda.synchronize(device)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e12
+
 
 SD_VAE = dict(
     in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
@@ -47,6 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="1 backpropagates through the frozen decoder; 0 skips that")
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the GPU's dense bf16 peak for MFU (default: datasheet table by name)")
     return p.parse_args(argv)
 
 
@@ -56,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from selfconsist import objective as obj
     from selfconsist.adapters.diffusers import DiffusersVAE
-    from selfconsist.runtime import autocast, resolve_device
+    from selfconsist.runtime import adam, autocast, resolve_device
     from selfconsist.tune import TuneConfig, posthoc_terms
 
     device = resolve_device(args.device)
@@ -74,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
     vae.freeze_decoder()
     vae.set_encoder_mode(False)
     params = [p for p in vae.encoder_parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=cfg.lr)
+    opt = adam(params, cfg.lr, device)  # as tune builds it
     gen = torch.Generator().manual_seed(args.seed)
 
     def step() -> float:
@@ -95,6 +129,12 @@ def main(argv: list[str] | None = None) -> dict:
     for _ in range(args.warmup):
         step()
     sync()
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        step()
+    flops = fc.get_total_flops()
+    sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -104,14 +144,21 @@ def main(argv: list[str] | None = None) -> dict:
     sync()
     elapsed = time.perf_counter() - t0
     enc, dec = vae.num_parameters()
+    achieved = flops * args.steps / elapsed / 1e12
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = args.peak_tflops or datasheet_peak(name)
+    gemm = measured_gemm_peak(device) if device.type == "cuda" else None
     result = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device": name,
         "image_size": args.size, "latent_shape": list(vae.latent_shape),
         "batch_size": args.batch_size, "steps": args.steps, "precision": precision,
         "checkpointing": vae.checkpointing, "lambda_rec": args.lambda_rec,
         "encoder_parameters": enc, "decoder_parameters": dec,
         "seconds_per_step": elapsed / args.steps,
         "images_per_second": args.batch_size * args.steps / elapsed,
+        "tflop_per_step": flops / 1e12, "achieved_tflops": achieved,
+        "peak_bf16_tflops": peak, "mfu": achieved / peak if peak else None,
+        "gemm_bf16_tflops": gemm, "of_gemm_peak": achieved / gemm if gemm else None,
         "peak_memory_gib": (torch.cuda.max_memory_allocated(device) / 2**30
                             if device.type == "cuda" else None),
         "last_loss": loss,

@@ -380,7 +380,9 @@ def locks_output(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         out = sig.bind(*args, **kwargs).arguments.get("out")
-        if out is None:
+        from .distributed import is_main_process
+
+        if out is None or not is_main_process():  # torchrun: rank 0 alone writes OUT
             return fn(*args, **kwargs)
         with output_lock(out):
             return fn(*args, **kwargs)

@@ -36,9 +36,10 @@ from .io import (
     set_rng_state,
     state_path_for,
 )
-from .models import ModelConfig
+from .models import INITS, ModelConfig
 from .runtime import (
     Progress,
+    adam,
     check_finite,
     current_stop,
     nonfinite_stop,
@@ -70,6 +71,7 @@ class TrainConfig:
     n_train: int | None = None  # use only the first n items (e.g. 8000 of MNIST's test set)
     save_every: int = 500
     data_seed: int = 0  # ColorMNIST colours
+    init: str = "haiku"  # or torch: PyTorch's layer defaults (selfconsist's init before issue 13)
 
     def __post_init__(self) -> None:
         require_finite(self)
@@ -83,6 +85,8 @@ class TrainConfig:
         if self.lr <= 0 or self.obs_var <= 0:
             raise SelfconsistError("--lr and --obs-var must be positive")
         self.channels = tuple(self.channels)
+        if self.init not in INITS:
+            raise SelfconsistError(f"--init must be one of {INITS}, got {self.init!r}")
 
 
 def model_config(cfg: TrainConfig, data_shape: tuple[int, ...]) -> ModelConfig:
@@ -124,9 +128,9 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, overwrite:
     data = data if data is not None else load_dataset(cfg.data, seed=cfg.data_seed)
     x_all = data.x[: cfg.n_train] if cfg.n_train else data.x
     x_all = x_all.to(device)
-    vae = new_model(model_config(cfg, tuple(x_all.shape[1:])), seed=cfg.seed).to(device)
+    vae = new_model(model_config(cfg, tuple(x_all.shape[1:])), seed=cfg.seed, init=cfg.init).to(device)
     params = list(vae.encoder_parameters()) + list(vae.decoder_parameters())
-    opt = torch.optim.Adam(params, lr=cfg.lr)
+    opt = adam(params, cfg.lr, device)
     gen = torch.Generator().manual_seed(cfg.seed)
     start = 0
 

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import __version__
+from . import __version__, distributed
 from . import objective as obj
 from .adapters.base import VAEAdapter, randn
 from .budget import MeasurementPlan, plan_measurement
@@ -56,7 +56,9 @@ from .io import (
 from .metrics import responsive_elements, roundtrip_summary
 from .realimage import channel_std, latent_shift_per_image, shift_warning
 from .runtime import (
+    PRECISIONS,
     Progress,
+    adam,
     autocast,
     check_finite,
     cpu_fast_path,
@@ -64,6 +66,7 @@ from .runtime import (
     log,
     nonfinite_stop,
     resolve_device,
+    resolve_precision,
     set_channels_last,
     stage,
     stoppable,
@@ -92,7 +95,8 @@ class TuneConfig:
     warmup_steps: int = 0
     seed: int = 0
     device: str = "auto"
-    precision: str = "fp32"  # or bf16 (autocast; CUDA or a CPU with bf16 units)
+    # or bf16 (autocast; CUDA or a CPU with bf16 units), or auto: bf16 where the hardware has it
+    precision: str = "fp32"
     obs_var: float | None = None  # None: the model's own observation variance
     sample_noise: bool = False  # add N(0, v) observation noise to decoded samples
     prior: str | None = None  # None: the adapter's default prior
@@ -130,8 +134,8 @@ class TuneConfig:
         if self.prior_refine and (self.latents or self.images):
             raise SelfconsistError("--prior-refine refines prior draws; it does not apply to "
                                    "--latents or --images")
-        if self.precision not in ("fp32", "bf16"):
-            raise SelfconsistError(f"--precision must be fp32 or bf16, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise SelfconsistError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
 
 
     @classmethod
@@ -370,7 +374,12 @@ def tune(vae: VAEAdapter | Any, cfg: TuneConfig | None = None, out: str | Path |
     state_file = state_path_for(out) if out is not None else None
 
     device = resolve_device(cfg.device)
-    autocast(device, cfg.precision)  # validates precision against the device early
+    # torchrun: join the process group; rank 0 alone measures, prints and writes (see distributed)
+    dist = distributed.setup(device)
+    device = dist.place(device)
+    progress = progress and dist.is_main
+    precision = resolve_precision(device, cfg.precision)  # auto → bf16 where the hardware has it
+    autocast(device, precision)  # validates precision against the device early
     vae.to(device)
     vae.set_prior(cfg.prior)
     vae.freeze_decoder()
@@ -390,23 +399,31 @@ def tune(vae: VAEAdapter | Any, cfg: TuneConfig | None = None, out: str | Path |
     params = [p for p in vae.encoder_parameters() if p.requires_grad]
     if not params:
         raise SelfconsistError("the adapter exposes no trainable encoder parameters")
-    fast = cpu_fast_path(device, cfg.precision)
-    opt = torch.optim.Adam(params, lr=cfg.lr, fused=True if fast else None)
+    fast = cpu_fast_path(device, precision)
+    opt = adam(params, cfg.lr, device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(distributed.rank_seed(cfg.seed, dist.rank))
     start = 0
 
     if resume:
         state = load_state(state_file, config=json_meta(asdict(cfg)))
         if state.get("input_sha256") != input_sha:
             raise SelfconsistError(f"{state_file} belongs to another input model")
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != dist.world_size:  # each rank's z₀ stream lives in the state
+            raise SelfconsistError(
+                f"{state_file} was written by a {saved_world}-process run; resume it with "
+                f"{saved_world} process(es) (torchrun --nproc-per-node {saved_world}), "
+                f"not {dist.world_size}")
         vae.load_encoder_state(state["encoder"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        set_rng_state(gen, state["rng"])
+        set_rng_state(gen, state["rng_ranks"][dist.rank] if dist.active else state["rng"])
         start, before = int(state["step"]), state["before"]
         responsive = state["responsive"]
         mu_base = state["mu_base"]
+    elif not dist.is_main:  # rank 0 measures; the others go straight to the first collective
+        responsive, before, mu_base = None, {}, None
     else:
         # The measurement can take a while on a big model: say what it is doing, and how long.
         with stage("tune: measuring before: decoder responses", progress, plan.describe()):
@@ -420,11 +437,17 @@ def tune(vae: VAEAdapter | Any, cfg: TuneConfig | None = None, out: str | Path |
 
     def save_state(step: int) -> None:
         if state_file is not None:
+            rngs = dist.gather(rng_state(gen))  # a collective: every rank calls save_state
+            if not dist.is_main:
+                return
             atomic_torch_save({"config": json_meta(asdict(cfg)), "step": step,
                                "input_sha256": input_sha, "before": before,
                                "responsive": responsive, "mu_base": mu_base,
+                               "world_size": dist.world_size, "rng_ranks": rngs,
                                "encoder": vae.encoder_state(), "optimizer": opt.state_dict(),
-                               "scheduler": sched.state_dict(), "rng": rng_state(gen)}, state_file)
+                               "scheduler": sched.state_dict(), "rng": rngs[0]}, state_file)
+
+    dist.broadcast_(params)  # the same start on every rank, as DDP would ensure
 
     # SIGINT/SIGTERM: a signal during a step is acted on at the step's end; anywhere after
     # this point the state of the last finished step is saved, so --resume continues from it.
@@ -444,7 +467,7 @@ def tune(vae: VAEAdapter | Any, cfg: TuneConfig | None = None, out: str | Path |
             z0, idx = source.sample(cfg.batch_size, gen)
             anchor_x = images[idx].to(device) if anchor_q is not None else None
             anchor_b = tuple(t[idx].to(device) for t in anchor_q) if anchor_q is not None else None
-            with autocast(device, cfg.precision):
+            with autocast(device, precision):
                 terms = posthoc_terms(vae, z0, cfg, obs_var, gen, base, anchor_x, anchor_b)
             bound = obj.avae_objective(terms["log_lik"], terms["kl"], terms["coupling"],
                                        cfg.lambda_rec)
@@ -452,11 +475,12 @@ def tune(vae: VAEAdapter | Any, cfg: TuneConfig | None = None, out: str | Path |
             if "anchor" in terms:
                 loss = loss + cfg.anchor * terms["anchor"].mean()
             try:
-                check_finite(step, loss)
+                check_finite(step, dist.mean(loss))  # every rank stops together
             except NonFiniteLossError as e:
                 raise nonfinite_stop(e, out, state_file) from None
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            dist.average_gradients(params)  # g = (1/N) Σ_r g_r: N × B acts as one batch N·B
             opt.step()
             sched.step()
             done = step + 1
@@ -474,9 +498,13 @@ def tune(vae: VAEAdapter | Any, cfg: TuneConfig | None = None, out: str | Path |
                                       "C": terms["coupling"].mean().item(),
                                       **({"anchor": terms["anchor"].mean().item()}
                                          if "anchor" in terms else {})})
+            if dist.active:  # a signal to any rank stops every rank after this same step
+                signals.signum = dist.agree_stop(signals.signum)
             signals.check()
 
     set_channels_last(modules, False)
+    if not dist.is_main:  # the encoders are identical on every rank; rank 0 measures and writes
+        return TuneResult(vae=vae, before={}, after={}, out=None, model=native_like(vae, given))
     with stage("tune: measuring after", progress):
         after = roundtrip_summary(vae, n=plan.roundtrip_samples, seed=cfg.seed + 1, rho=cfg.rho,
                                   responsive=responsive)
@@ -502,6 +530,8 @@ def tune(vae: VAEAdapter | Any, cfg: TuneConfig | None = None, out: str | Path |
                                                    "format": vae.source.format}),
                 META_PREFIX + "metrics": json_meta({"before": before, "after": after,
                                                     "latent_shift": shift}),
+                META_PREFIX + "world_size": str(dist.world_size),
+                META_PREFIX + "precision": precision,  # what ran (cfg says what was asked)
                 **(metadata or {})}
         with signals.deferred():  # OUT is whole or absent; a signal now lets the run finish
             with atomic_output(out, overwrite=overwrite) as tmp:

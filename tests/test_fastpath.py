@@ -46,3 +46,50 @@ def test_conv_fast_path_tunes_and_saves(tmp_path) -> None:
     back = selfconsist.load(tmp_path / "t.safetensors")
     assert all(torch.equal(a, b) for a, b in zip(dec0, back.decoder_parameters(), strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(enc0, back.encoder_parameters(), strict=True))
+
+
+def test_auto_precision_follows_the_hardware(monkeypatch) -> None:
+    from selfconsist import runtime
+    from selfconsist.runtime import resolve_precision
+
+    cpu = torch.device("cpu")
+    assert resolve_precision(cpu, "fp32") == "fp32" and resolve_precision(cpu, "bf16") == "bf16"
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: True)
+    assert resolve_precision(cpu, "auto") == "bf16"
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: False)
+    assert resolve_precision(cpu, "auto") == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_precision(torch.device("cuda"), "auto") == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision(torch.device("cuda"), "auto") == "bf16"
+    assert resolve_precision(torch.device("mps"), "auto") == "fp32"
+
+
+def test_adam_is_fused_on_cpu_in_every_precision() -> None:
+    from selfconsist.runtime import adam
+
+    p = torch.nn.Parameter(torch.ones(3))
+    assert adam([p], 1e-3, torch.device("cpu")).defaults["fused"] is True
+    assert adam([p], 1e-3, torch.device("mps")).defaults["fused"] is None
+
+
+@pytest.mark.parametrize("has_bf16", [False, True])
+def test_auto_precision_is_recorded_as_what_ran(tmp_path, monkeypatch, has_bf16) -> None:
+    """``--precision auto``: OUT's metadata says which precision actually ran."""
+    import selfconsist
+    from selfconsist import runtime
+    from selfconsist.adapters.builtin import BuiltinVAE
+    from selfconsist.io import META_PREFIX, load_safetensors
+    from selfconsist.models import ModelConfig
+    from selfconsist.tune import TuneConfig
+
+    if has_bf16 and not cpu_has_bf16():
+        pytest.skip("this CPU has no bf16 units")
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: has_bf16)
+    out = tmp_path / "t.safetensors"
+    selfconsist.tune(BuiltinVAE(ModelConfig(latent_dim=4, hidden=16, depth=2)),
+                     TuneConfig(steps=2, batch_size=8, device="cpu", precision="auto",
+                                eval_samples=16), out=out, progress=False)
+    _, meta = load_safetensors(out)
+    assert meta[META_PREFIX + "precision"] == ("bf16" if has_bf16 else "fp32")
+    assert '"precision": "auto"' in meta[META_PREFIX + "tune_config"]

@@ -212,7 +212,8 @@ def test_python_api_logs_progress_when_logging_is_not_configured(tmp_path, digit
                        text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "tune: step 1/20" in r.stderr and "tune: step 20/20" in r.stderr
-    quiet = ("import logging; logging.getLogger('selfconsist').setLevel(logging.WARNING); "
+    # ERROR: the digits model's latents may move past the shift warning's threshold here
+    quiet = ("import logging; logging.getLogger('selfconsist').setLevel(logging.ERROR); "
              + code)
     r = subprocess.run([sys.executable, "-c", quiet, str(digits_model)], capture_output=True,
                        text=True, env=env, timeout=300)

@@ -44,13 +44,13 @@ def data_spec(mnist: Path) -> str:
 
 
 def train_base(mnist: Path, out: Path, objective: str = "vae", epochs: int = 40, seed: int = 0,
-               rho: float = 0.975, latent_dim: int = 64, hidden: int = 200) -> Path:
+               rho: float = 0.975, latent_dim: int = 64, hidden: int = 200, init: str = "haiku") -> Path:
     """Train the paper's MLP on the 8k split (skipped when ``out`` exists: reruns are cheap)."""
     if out.exists():
         return out
     cfg = TrainConfig(model="mlp", data=data_spec(mnist), objective=objective, rho=rho,
                       steps=epochs * EPOCH_STEPS, batch_size=64, lr=1e-3, seed=seed, device="cpu",
-                      latent_dim=latent_dim, hidden=hidden, obs_var=0.05, n_train=N_TRAIN)
+                      latent_dim=latent_dim, hidden=hidden, obs_var=0.05, n_train=N_TRAIN, init=init)
     t = time.time()
     selfconsist.train(cfg, out, progress=False)
     log(f"trained {out.name} ({objective}, {epochs} epochs) in {time.time() - t:.0f}s")

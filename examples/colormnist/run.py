@@ -50,14 +50,16 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/colormnist"))
     ap.add_argument("--epochs", type=int, default=40, help="training epochs of the base models")
     ap.add_argument("--variants", action="store_true", help="also run the post-hoc variants")
+    ap.add_argument("--init", default="haiku", choices=["haiku", "torch"],
+                    help="weight init of the base models (torch: the init of the README's older tables)")
     args = ap.parse_args()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
 
-    vae = common.train_base(args.mnist, out / "vae.safetensors", "vae", args.epochs)
+    vae = common.train_base(args.mnist, out / "vae.safetensors", "vae", args.epochs, init=args.init)
     tuned = tune(vae, out / "vae.posthoc.safetensors")
-    avae = common.train_base(args.mnist, out / "avae.safetensors", "avae", args.epochs)
+    avae = common.train_base(args.mnist, out / "avae.safetensors", "avae", args.epochs, init=args.init)
 
     models = common.run_eval(vae, out / "eval_posthoc", args.mnist, compare=tuned,
                              name="VAE", compare_name="+ post hoc (defaults)")
@@ -70,7 +72,7 @@ def main() -> None:
                                           figures=False))
         for label, overrides in AVAE_VARIANTS.items():
             slug = "_".join(f"{k}{v}" for k, v in overrides.items())
-            kw = {"epochs": args.epochs, **overrides}
+            kw = {"epochs": args.epochs, "init": args.init, **overrides}
             path = common.train_base(args.mnist, out / f"avae.{slug}.safetensors", "avae", **kw)
             models.update(common.run_eval(path, out / f"eval_avae_{slug}", args.mnist, name=label,
                                           figures=False))

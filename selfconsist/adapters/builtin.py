@@ -30,11 +30,11 @@ class BuiltinVAE(VAEAdapter):
     name = "builtin"
 
     def __init__(self, config: ModelConfig, encoder: nn.Module | None = None,
-                 decoder: nn.Module | None = None) -> None:
+                 decoder: nn.Module | None = None, init: str = "haiku") -> None:
         super().__init__()
         self.config = config
         if encoder is None or decoder is None:
-            encoder, decoder = build(config)
+            encoder, decoder = build(config, init)
         self.encoder, self.decoder = encoder, decoder
         self.likelihood = config.likelihood
         self.obs_var = config.obs_var
@@ -127,7 +127,8 @@ def _strip(tensors: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-def new_model(config: ModelConfig, seed: int = 0) -> BuiltinVAE:
-    """A freshly initialised built-in VAE."""
+def new_model(config: ModelConfig, seed: int = 0, init: str = "haiku") -> BuiltinVAE:
+    """A freshly initialised built-in VAE (``init``: haiku's truncated normal, or torch's
+    layer defaults; see :func:`selfconsist.models.init_weights`)."""
     torch.manual_seed(seed)
-    return BuiltinVAE(config)
+    return BuiltinVAE(config, init=init)

@@ -28,7 +28,8 @@ def describe(vae) -> dict:
     }
     meta = getattr(vae, "metadata", {}) or {}
     for key in ("selfconsist.tune_config", "selfconsist.metrics", "selfconsist.input_sha256",
-                "selfconsist.command", "selfconsist.version"):
+                "selfconsist.command", "selfconsist.version", "selfconsist.precision",
+                "selfconsist.world_size"):
         if key in meta:
             try:
                 info[key.split(".", 1)[1]] = json.loads(meta[key])
@@ -81,7 +82,8 @@ def readable(v: Any) -> str:
 def render_info(title: str, d: dict[str, Any]) -> str:
     """The plain-text report of ``info``: one ``name  value`` line per field, the tune record
     (before → after per metric) under its own heading."""
-    record_keys = ("tune_config", "metrics", "input_sha256", "command", "version")
+    record_keys = ("tune_config", "metrics", "input_sha256", "command", "version", "precision",
+                   "world_size")
     head = {k: v for k, v in d.items() if k not in record_keys}
     width = max(len(k) for k in [*head, "input sha256"]) + 2
     lines = [title]
@@ -96,7 +98,8 @@ def render_info(title: str, d: dict[str, Any]) -> str:
     if any(k in d for k in record_keys):
         lines += ["", "tune record"]
         for k, label in (("command", "command"), ("version", "selfconsist"),
-                         ("input_sha256", "input sha256")):
+                         ("input_sha256", "input sha256"), ("precision", "precision ran"),
+                         ("world_size", "processes")):
             if k in d:
                 lines.append(f"  {label:<{width}}{readable(d[k])}")
         cfg = d.get("tune_config")

@@ -29,6 +29,9 @@ def train(
     likelihood: str = typer.Option("gaussian", "--likelihood", help="gaussian or bernoulli."),
     n_train: int | None = typer.Option(None, "--n-train", help="Use only the first N items (e.g. 8000)."),
     save_every: int = typer.Option(500, "--save-every", help="Save a resumable state every N steps."),
+    init: str = typer.Option("haiku", "--init",
+                             help="Weight init: haiku (truncated normal, std 1/√fan_in, zero biases; "
+                             "trains better) or torch (PyTorch's layer defaults, the old init)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from OUT.state.pt."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT."),
 ) -> None:
@@ -39,6 +42,6 @@ def train(
     cfg = TrainConfig(model=model, data=data, objective=objective, rho=rho, steps=steps,
                       batch_size=batch_size, lr=lr, seed=seed, device=device, latent_dim=latent_dim,
                       hidden=hidden, depth=depth, obs_var=obs_var, likelihood=likelihood,
-                      n_train=n_train, save_every=save_every)
+                      n_train=n_train, save_every=save_every, init=init)
     run(cfg, out, resume=resume, overwrite=overwrite, progress=True)
     typer.echo(str(out))

@@ -72,7 +72,9 @@ def tune(
     warmup_steps: int = typer.Option(D.warmup_steps, "--warmup-steps", help="Linear learning-rate warmup steps."),
     seed: int = typer.Option(D.seed, "--seed", help="Seed for prior samples and noise."),
     device: str = typer.Option(D.device, "--device", help="cpu, cuda or auto."),
-    precision: str = typer.Option(D.precision, "--precision", help="fp32, or bf16 autocast (CUDA or bf16 CPUs)."),
+    precision: str = typer.Option(D.precision, "--precision",
+                                  help="fp32, bf16 autocast (CUDA or bf16 CPUs), or auto: bf16 where "
+                                  "the hardware has bf16 units, else fp32 (OUT records which ran)."),
     obs_var: float | None = typer.Option(None, "--obs-var",
                                          help="Observation variance v of the likelihood (default: the model's)."),
     sample_noise: bool | None = typer.Option(
@@ -109,6 +111,7 @@ def tune(
     load: LoadOptions | None = None,
 ) -> None:
     """Fine-tune only the encoder on the model's own samples; the decoder stays byte-identical."""
+    from ..distributed import is_main_process, teardown
     from ..io import META_PREFIX
     from ..tune import tune as run
 
@@ -144,8 +147,13 @@ def tune(
     cfg = TuneConfig.for_model(vae, **settings)  # the model family's defaults, then the options
     args = [a for a in sys.argv[1:] if a != "--debug"]
     command = "selfconsist tune " + shlex.join(args[1:] if args[:1] == ["tune"] else args)
-    result = run(vae, cfg, out, resume=resume, overwrite=overwrite, progress=True,
-                 metadata={META_PREFIX + "command": command})
+    try:
+        result = run(vae, cfg, out, resume=resume, overwrite=overwrite, progress=True,
+                     metadata={META_PREFIX + "command": command})
+    finally:
+        teardown()  # leave a torchrun process group (a no-op in a single process)
+    if not is_main_process():  # torchrun: rank 0 prints and pushes
+        return
     _print_table(result.before, result.after, result.latent_shift)
     typer.echo(str(out))
     if push_to_hub is not None:
