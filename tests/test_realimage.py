@@ -289,12 +289,17 @@ def test_cli_eval_on_an_image_folder(kl_pair, photo_folder, tmp_path, capsys, ca
     args = ["eval", str(base), "--compare", str(moved), "--data", str(photo_folder), "--fit",
             "tile", "--cycles", "1,2,5,10", "--out", str(out), "--samples", "4", "--pgd-steps",
             "1", "--eps", "0.2", "--fast", "--device", "cpu", "--quiet"]
-    with caplog.at_level(logging.WARNING, logger="selfconsist"):
-        try:
-            main(args)
-            code = 0
-        except SystemExit as e:
-            code = int(e.code or 0)
+    # The CLI gives the "selfconsist" logger its own stderr handler (no propagation to the
+    # root logger), so listen on that logger itself.
+    logger = logging.getLogger("selfconsist")
+    logger.addHandler(caplog.handler)
+    try:
+        main(args)
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    finally:
+        logger.removeHandler(caplog.handler)
     stdout, stderr = capsys.readouterr()
     assert code == 0, stderr
     m = json.loads((out / "metrics.json").read_text())
