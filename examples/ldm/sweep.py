@@ -48,7 +48,16 @@ SETTINGS: dict[str, dict] = {
                                   "anchor": 0.1},
     "images, ρ .999, v .001, anchor .1": {"images": USER, "rho": 0.999, "lambda_rec": 5.0,
                                           "lr": 1e-4, "obs_var": 0.001, "anchor": 0.1},
-    "refine 2, ρ .999, lr 3e-5": {"prior_refine": 2, "rho": 0.999, "lambda_rec": 5.0, "lr": 3e-5},
+    # Second wave: the generic ρ with the anchor (ρ .999 moved real latents far, above).
+    "prior, ρ .975, anchor .1": {"rho": 0.975, "lambda_rec": 5.0, "lr": 1e-4, "anchor": 0.1},
+    "refine 2, ρ .975, anchor .1": {"prior_refine": 2, "rho": 0.975, "lambda_rec": 5.0,
+                                    "lr": 1e-4, "anchor": 0.1},
+    "refine 2, ρ .975, v .001, anchor .1": {"prior_refine": 2, "rho": 0.975, "lambda_rec": 5.0,
+                                            "lr": 1e-4, "obs_var": 0.001, "anchor": 0.1},
+    "images, ρ .975, anchor .1": {"images": USER, "rho": 0.975, "lambda_rec": 5.0, "lr": 1e-4,
+                                  "anchor": 0.1},
+    "images, ρ .975, v .001, anchor .1": {"images": USER, "rho": 0.975, "lambda_rec": 5.0,
+                                          "lr": 1e-4, "obs_var": 0.001, "anchor": 0.1},
 }
 
 
