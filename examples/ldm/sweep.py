@@ -54,6 +54,13 @@ SETTINGS: dict[str, dict] = {
                                     "lr": 1e-4, "anchor": 0.1},
     "refine 2, ρ .975, v .001, anchor .1": {"prior_refine": 2, "rho": 0.975, "lambda_rec": 5.0,
                                             "lr": 1e-4, "obs_var": 0.001, "anchor": 0.1},
+    # Third wave: a stronger anchor data-free; a longer, faster run with --images.
+    "refine 2, ρ .975, anchor 1": {"prior_refine": 2, "rho": 0.975, "lambda_rec": 5.0,
+                                   "lr": 1e-4, "anchor": 1.0},
+    "prior, ρ .975, anchor 1": {"rho": 0.975, "lambda_rec": 5.0, "lr": 1e-4, "anchor": 1.0},
+    "images, ρ .999, anchor .1, lr 3e-4, 600 steps": {"images": USER, "rho": 0.999,
+                                                      "lambda_rec": 5.0, "lr": 3e-4,
+                                                      "anchor": 0.1, "steps": 600},
     "images, ρ .975, anchor .1": {"images": USER, "rho": 0.975, "lambda_rec": 5.0, "lr": 1e-4,
                                   "anchor": 0.1},
     "images, ρ .975, v .001, anchor .1": {"images": USER, "rho": 0.975, "lambda_rec": 5.0,
