@@ -31,3 +31,17 @@ def run_cli(*args: str, env: dict | None = None, cwd: str | Path | None = None) 
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "selfconsist", *args], capture_output=True, text=True,
                           env=full_env, cwd=cwd, timeout=600)
+
+
+@pytest.fixture(autouse=True)
+def _restore_selfconsist_logger():
+    """In-process CLI runs configure the ``selfconsist`` logger (--quiet sets its level); put it
+    back after every test so that no test depends on the order the suite runs in."""
+    import logging
+
+    logger = logging.getLogger("selfconsist")
+    saved = (logger.level, list(logger.handlers), logger.propagate)
+    yield
+    logger.setLevel(saved[0])
+    logger.handlers[:] = saved[1]
+    logger.propagate = saved[2]
