@@ -169,3 +169,30 @@ def test_images_refusals_are_one_line(tmp_path, case):
     if case == "unreadable":
         assert "broken.png" in lines[0]
     assert not out.exists()
+
+
+def test_cli_applies_the_family_defaults_and_options_win(tmp_path, monkeypatch):
+    import json
+
+    from selfconsist.cli import main
+    from selfconsist.io import META_PREFIX, read_safetensors_header
+
+    model = tmp_path / "m"
+    AutoencoderKL(**TINY).save_pretrained(model)
+    monkeypatch.setattr(DiffusersVAE, "tune_defaults",
+                        {"steps": 3, "batch_size": 2, "anchor": 0.5, "prior_refine": 1})
+
+    def run(out, *extra):
+        try:
+            main(["-q", "tune", str(model), "--out", str(out), "--device", "cpu",
+                  "--eval-samples", "4", *extra])
+        except SystemExit as e:
+            assert not e.code
+        header = read_safetensors_header(out / "diffusion_pytorch_model.safetensors")
+        return json.loads(header["__metadata__"][META_PREFIX + "tune_config"])
+
+    cfg = run(tmp_path / "a")
+    assert (cfg["steps"], cfg["batch_size"], cfg["anchor"], cfg["prior_refine"]) == (3, 2, 0.5, 1)
+    assert cfg["rho"] == TuneConfig().rho  # not in the family's defaults: the generic one
+    cfg = run(tmp_path / "b", "--steps", "2", "--anchor", "0")
+    assert (cfg["steps"], cfg["anchor"]) == (2, 0.0)

@@ -124,7 +124,6 @@ def tune(
         model = str(EXAMPLE)
         steps = EXAMPLE_STEPS if steps is None else steps
         sample_noise = EXAMPLE_SAMPLE_NOISE if sample_noise is None else sample_noise
-    steps = D.steps if steps is None else steps
     sample_noise = D.sample_noise if sample_noise is None else sample_noise
     out = out or default_out(model)
     if push_to_hub is not None:  # a bad repo id fails now, not after the tuning
