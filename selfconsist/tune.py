@@ -143,7 +143,10 @@ class TuneConfig:
         """The defaults for ``vae``'s family (``type(vae).tune_defaults``, chosen by evidence;
         see the README), overridden by every setting given that is not None."""
         given = {k: v for k, v in settings.items() if v is not None}
-        return cls(**{**getattr(vae, "tune_defaults", {}), **given})
+        family = dict(getattr(vae, "tune_defaults", {}))
+        if given.get("latents") or given.get("images"):
+            family.pop("prior_refine", None)  # it refines prior draws; z₀ comes from elsewhere
+        return cls(**{**family, **given})
 
 
 @dataclass
