@@ -168,3 +168,39 @@ def avae_objective(log_lik: Tensor, kl: Tensor, coupling: Tensor, lambda_rec: fl
     model samples.
     """
     return lambda_rec * log_lik - kl + coupling
+
+
+# --- Cycle consistency (docs/design.md, "Cycle-consistency objectives") -----------------------
+# What an encode → decode loop needs is an encoder that inverts the decoder on the decoder's own
+# range, E(g(z)) = z, so that the latent stops moving after the first encode. These are the
+# per-item losses ``tune --objective cycle`` minimises; means over elements keep their scale
+# independent of the image size.
+
+
+def latent_idempotence(mean_reenc: Tensor, z: Tensor, scale: Tensor) -> Tensor:
+    r"""Latent idempotence: mean over elements of ((μ(g(z)) − z)/s)².
+
+    ``scale`` s is the latent standard deviation (the prior's std; for a latent-diffusion VAE
+    1/scaling_factor), so the value is in units of the latent spread: 0.01 ≙ a 0.1-σ step.
+    """
+    return ((mean_reenc - z) / scale).pow(2).reshape(z.shape[0], -1).mean(dim=1)
+
+
+def pixel_idempotence(x_cycled: Tensor, x: Tensor, obs_var: float) -> Tensor:
+    r"""Pixel idempotence: mean over elements of (g(μ(g(z))) − g(z))² / v.
+
+    x = g(z) is a decoded sample and ``x_cycled`` = g(μ(x)) the same image after one more
+    encode → decode; the gradient reaches the encoder *through* the frozen decoder, so latent
+    errors count by how much they change the image. Up to constants this is −(2/D)·log p(x|μ(x))
+    of the Gaussian likelihood with variance v: the AVAE's λ_rec term at the posterior mean.
+    """
+    return (x_cycled - x).pow(2).reshape(x.shape[0], -1).mean(dim=1) / obs_var
+
+
+def mean_anchor(mean: Tensor, mean_base: Tensor, scale: Tensor) -> Tensor:
+    r"""Anchor: mean over elements of ((μ_tuned(x) − μ_base(x))/s)², on inputs x that the
+    cycle term does not move (the user's images, or decoded samples pushed off the decoder's
+    range). Unlike KL(q_tuned ‖ q_base), whose weight per unit of shift is 1/σ_base² (huge for
+    SD-style posteriors), it measures the shift in the same units as the latent shift metric.
+    """
+    return ((mean - mean_base) / scale).pow(2).reshape(mean.shape[0], -1).mean(dim=1)

@@ -38,6 +38,7 @@ def test_tune_measures_as_planned(digits_model) -> None:
     import logging
 
     import selfconsist
+    from selfconsist.settings import default_of
     from selfconsist.tune import TuneConfig
 
     # Progress is logging (the "selfconsist" logger): capture it with a handler of our own.
@@ -60,7 +61,7 @@ def test_tune_measures_as_planned(digits_model) -> None:
     from selfconsist.metrics import roundtrip_summary
 
     fresh = roundtrip_summary(selfconsist.load(digits_model), n=plan.roundtrip_samples, seed=1,
-                              rho=TuneConfig().rho)
+                              rho=default_of(TuneConfig, "rho"))
     assert res.before["sample_roundtrip_mse"] == fresh["sample_roundtrip_mse"]
 
 

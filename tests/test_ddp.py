@@ -38,13 +38,14 @@ torch.set_num_threads(1)
 import selfconsist
 import selfconsist.objective as O
 import selfconsist.tune as T
+import selfconsist.posthoc as P
 from selfconsist.distributed import teardown
 from selfconsist.errors import Interrupted
 
 noise = torch.load(args["noise"])
 rank, b = int(os.environ.get("RANK", "0")), args["batch"]
 rows = slice(rank * b, (rank + 1) * b)
-real, step = T.posthoc_terms, [args["start"]]
+real, step = P.posthoc_terms, [args["start"]]
 
 def scripted(vae, z0, cfg, obs_var, gen, *rest):  # the test hook: this step's z0 and eps rows
     s = step[0]
@@ -63,7 +64,7 @@ def scripted(vae, z0, cfg, obs_var, gen, *rest):  # the test hook: this step's z
     finally:
         O.reparameterize = orig
 
-T.posthoc_terms = scripted
+P.posthoc_terms = scripted
 cfg = T.TuneConfig(batch_size=b, **args["tune"])
 try:
     selfconsist.tune(args["model"], cfg, out=args["out"], resume=args["resume"], progress=False)

@@ -4,6 +4,7 @@ images), the anchor to the frozen base encoder, the latent shift, and per-family
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -15,7 +16,10 @@ from diffusers import AutoencoderKL  # noqa: E402
 from selfconsist import objective as obj  # noqa: E402
 from selfconsist.adapters.diffusers import DiffusersVAE  # noqa: E402
 from selfconsist.errors import SelfconsistError  # noqa: E402
-from selfconsist.tune import TuneConfig, Z0Source, _frozen_copy, load_images, tune  # noqa: E402
+from selfconsist.settings import default_of  # noqa: E402
+from selfconsist.sources import Z0Source, load_images  # noqa: E402
+from selfconsist.sources import frozen_copy as _frozen_copy  # noqa: E402
+from selfconsist.tune import TuneConfig, resolve_config, tune  # noqa: E402
 
 pytestmark = pytest.mark.diffusers
 
@@ -78,8 +82,8 @@ def _shift(a: DiffusersVAE, b: DiffusersVAE) -> float:
 def test_huge_anchor_keeps_the_encoder_at_the_base():
     q = {**QUICK, "lr": 1e-3, "steps": 30}
     free, anchored, ref = tiny_vae(), tiny_vae(), tiny_vae()
-    tune(free, TuneConfig(**q), progress=False)
-    tune(anchored, TuneConfig(anchor=1e6, **q), progress=False)
+    tune(free, TuneConfig(anchor=0.0, prior_refine=0, **q), progress=False)
+    tune(anchored, TuneConfig(anchor=1e6, prior_refine=0, **q), progress=False)
     # Adam's steps have a size of about lr whatever the loss scale (and the anchor's gradient is
     # 0 at the first step), so an anchored encoder jitters within about one step of the base
     # while a free one keeps moving away: compare the latents of the same inputs.
@@ -103,12 +107,56 @@ def test_latent_shift_is_reported_and_recorded(tmp_path):
     assert metrics["latent_shift"]["value"] == pytest.approx(res.latent_shift["value"])
 
 
-def test_for_model_applies_family_defaults_then_options(monkeypatch):
+def test_resolve_applies_family_defaults_then_options(monkeypatch):
     vae = tiny_vae()
     monkeypatch.setattr(DiffusersVAE, "tune_defaults", {"rho": 0.99, "steps": 7})
-    cfg = TuneConfig.for_model(vae, steps=3, lr=None)
-    assert (cfg.rho, cfg.steps, cfg.lr) == (0.99, 3, TuneConfig().lr)
-    assert TuneConfig.for_model(None, rho=None).rho == TuneConfig().rho
+    got = resolve_config(vae, TuneConfig(steps=3, lr=None))
+    assert (got.config.rho, got.config.steps, got.config.lr) == (0.99, 3, default_of(TuneConfig, "lr"))
+    assert (got.sources["rho"], got.sources["steps"], got.sources["lr"]) == ("family", "option", "default")
+    assert resolve_config(None, TuneConfig(rho=None)).config.rho == default_of(TuneConfig, "rho")
+
+
+def test_family_images_defaults_apply_only_with_images(monkeypatch):
+    vae = tiny_vae()
+    monkeypatch.setattr(DiffusersVAE, "tune_defaults", {"prior_refine": 2, "anchor": 1.0})
+    monkeypatch.setattr(DiffusersVAE, "tune_defaults_images", {"anchor": 5.0}, raising=False)
+    free = resolve_config(vae, TuneConfig()).config
+    light = resolve_config(vae, TuneConfig(images="d")).config
+    assert (free.prior_refine, free.anchor) == (2, 1.0)
+    assert (light.prior_refine, light.anchor) == (0, 5.0)  # refinement is for prior draws only
+    assert resolve_config(vae, TuneConfig(images="d", anchor=0.1)).config.anchor == 0.1
+
+
+def test_python_and_cli_resolve_to_the_same_settings(tmp_path, monkeypatch):
+    """``selfconsist.tune(autoencoder_kl)`` runs what ``selfconsist tune DIR`` runs (the
+    family's defaults), with nothing given in either; explicit settings win in both."""
+    import json
+
+    import selfconsist
+    from selfconsist.cli import main
+    from selfconsist.io import META_PREFIX, read_safetensors_header
+
+    # Small family defaults keep the test fast; the point is where they are applied.
+    monkeypatch.setattr(DiffusersVAE, "tune_defaults", {"steps": 2, "batch_size": 2, "anchor": 0.5,
+                                                        "prior_refine": 1, "eval_samples": 4,
+                                                        "device": "cpu"})
+    model = tmp_path / "m"
+    torch.manual_seed(0)
+    AutoencoderKL(**TINY).save_pretrained(model)
+
+    def recorded(out):
+        header = read_safetensors_header(out / "diffusion_pytorch_model.safetensors")
+        return json.loads(header["__metadata__"][META_PREFIX + "tune_config"])
+
+    try:
+        main(["-q", "tune", str(model), "--out", str(tmp_path / "cli")])
+    except SystemExit as e:
+        assert not e.code
+    res = selfconsist.tune(AutoencoderKL.from_pretrained(model), out=tmp_path / "py", progress=False)
+    assert recorded(tmp_path / "cli") == recorded(tmp_path / "py") == asdict(res.settings.config)
+    assert res.settings.sources["anchor"] == "family" and res.settings.config.anchor == 0.5
+    res = selfconsist.tune(AutoencoderKL.from_pretrained(model), TuneConfig(anchor=0.0), progress=False)
+    assert res.settings.config.anchor == 0.0 and res.settings.sources["anchor"] == "option"
 
 
 @pytest.mark.parametrize("bad", [dict(prior_refine=-1), dict(anchor=-1.0), dict(fit="stretch"),
@@ -193,6 +241,6 @@ def test_cli_applies_the_family_defaults_and_options_win(tmp_path, monkeypatch):
 
     cfg = run(tmp_path / "a")
     assert (cfg["steps"], cfg["batch_size"], cfg["anchor"], cfg["prior_refine"]) == (3, 2, 0.5, 1)
-    assert cfg["rho"] == TuneConfig().rho  # not in the family's defaults: the generic one
+    assert cfg["rho"] == default_of(TuneConfig, "rho")  # not in the family's defaults: the generic one
     cfg = run(tmp_path / "b", "--steps", "2", "--anchor", "0")
     assert (cfg["steps"], cfg["anchor"]) == (2, 0.0)

@@ -26,6 +26,11 @@ def describe(vae) -> dict:
         "encoder_parameters": enc,
         "decoder_parameters": dec,
     }
+    from ..tune import resolve_config
+
+    # What a plain `selfconsist tune MODEL` (or selfconsist.tune(model)) would run, and why.
+    info["tune_settings"] = {name: {"value": value, "source": source}
+                             for name, value, source in resolve_config(vae).rows()}
     meta = getattr(vae, "metadata", {}) or {}
     for key in ("selfconsist.tune_config", "selfconsist.metrics", "selfconsist.input_sha256",
                 "selfconsist.command", "selfconsist.version", "selfconsist.precision",
@@ -83,7 +88,7 @@ def render_info(title: str, d: dict[str, Any]) -> str:
     """The plain-text report of ``info``: one ``name  value`` line per field, the tune record
     (before → after per metric) under its own heading."""
     record_keys = ("tune_config", "metrics", "input_sha256", "command", "version", "precision",
-                   "world_size")
+                   "world_size", "tune_settings")
     head = {k: v for k, v in d.items() if k not in record_keys}
     width = max(len(k) for k in [*head, "input sha256"]) + 2
     lines = [title]
@@ -95,7 +100,14 @@ def render_info(title: str, d: dict[str, Any]) -> str:
         elif k == "default_prior":
             continue
         lines.append(f"  {k.replace('_', ' '):<{width}}{readable(v)}")
-    if any(k in d for k in record_keys):
+    settings = d.get("tune_settings")
+    if isinstance(settings, dict):
+        lines += ["", "tune settings (what `selfconsist tune MODEL` runs; options override them)"]
+        for source in ("family", "default"):
+            names = [f"{k} {readable(v['value'])}" for k, v in settings.items() if v["source"] == source]
+            if names:
+                lines.append(f"  {source + ':':<{width}}" + ", ".join(names))
+    if any(k in d for k in record_keys if k != "tune_settings"):
         lines += ["", "tune record"]
         for k, label in (("command", "command"), ("version", "selfconsist"),
                          ("input_sha256", "input sha256"), ("precision", "precision ran"),

@@ -9,28 +9,26 @@ from pathlib import Path
 import typer
 
 from ..loading import LoadOptions, load_model
-from ..tune import TuneConfig
+from ..settings import Resolved
+from ..tune import TuneConfig, resolve_config
 from . import app
 from .common import AdapterOpt, TrustOpt, with_load_options
-
-D = TuneConfig()  # the CLI's defaults are the Python API's
+from .options import with_config_options
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "digits_mlp_vae.safetensors"
-# The demo: 1500 steps (~10 s on a laptop CPU) with observation noise on the model samples.
-# Without the noise, on this small digits VAE, every robustness figure got worse (500 steps:
-# adv_shift@0.1 +18%, probe_acc_ce@0.1 0.26 → 0.18; 1500 steps: +15%, −0.10); with it and
-# 1500 steps they improve, for seeds 0, 1 and 2 (README, "The main job on the bundled example").
-EXAMPLE_STEPS = 1500
-EXAMPLE_SAMPLE_NOISE = True
+_RUN, _LOAD = "Run and output", "Loading"
 
 
 def _family(key: str) -> str:
     """Help text naming the families whose defaults differ from the generic one."""
     from ..adapters import available_adapters, get_adapter_class
 
-    classes = [get_adapter_class(name) for name in available_adapters()]
-    notes = [f"{cls.name} models: {cls.tune_defaults[key]}" for cls in classes
-             if key in getattr(cls, "tune_defaults", {})]
+    notes = []
+    for name in available_adapters():
+        cls = get_adapter_class(name)
+        for attr, when in (("tune_defaults", ""), ("tune_defaults_images", " with --images")):
+            if key in getattr(cls, attr, {}):
+                notes.append(f"{cls.name}{when}: {getattr(cls, attr)[key]}")
     return f"; {', '.join(notes)}" if notes else ""
 
 
@@ -46,109 +44,67 @@ def default_out(model: str) -> Path:
     return Path(p.name + "-selfconsist")
 
 
+def print_settings(settings: Resolved) -> None:
+    """Every resolved setting and where it came from, on stdout (``--print-config``, ``info``)."""
+    rows = settings.rows()
+    width = max(len(name) for name, _, _ in rows)
+    for name, value, source in rows:
+        typer.echo(f"{name:<{width}}  {value!s:<12}  ({source})")
+
+
 @app.command()
 @with_load_options
+@with_config_options(TuneConfig, "cfg", _family)
 def tune(
     model: str | None = typer.Argument(
         None, help="Checkpoint (.safetensors, a diffusers/pythae folder, or a Hub repo id). "
         "Omit to tune the bundled example."),
-    out: Path | None = typer.Option(None, "--out", "-o",
+    out: Path | None = typer.Option(None, "--out", "-o", rich_help_panel=_RUN,
                                     help="Where to write the tuned model (default: MODEL.selfconsist.EXT here)."),
     adapter: str | None = AdapterOpt,
     trust_remote_code: bool = TrustOpt,
-    rho: float | None = typer.Option(None, "--rho", help="Coupling strength ρ in (0, 1) "
-                                     f"(default {D.rho}{_family('rho')})."),
-    lambda_rec: float | None = typer.Option(
-        None, "--lambda-rec", help="Weight of log p(x|z) on model samples: 1 is the AVAE bound, 0 is "
-        f"cheaper (default {D.lambda_rec}{_family('lambda_rec')}: a sharper likelihood for "
-        "noise-free model samples keeps round trips and robustness, see README)."),
-    steps: int | None = typer.Option(None, "--steps",
-                                     help=f"Optimiser steps (default {D.steps}{_family('steps')}; "
-                                     f"{EXAMPLE_STEPS} for the bundled example)."),
-    batch_size: int | None = typer.Option(None, "--batch-size",
-                                          help=f"Samples per step (default {D.batch_size}{_family('batch_size')})."),
-    lr: float | None = typer.Option(None, "--lr", help=f"Adam learning rate (default {D.lr}{_family('lr')})."),
-    schedule: str = typer.Option(D.schedule, "--schedule", help="constant, cosine or linear (after warmup)."),
-    warmup_steps: int = typer.Option(D.warmup_steps, "--warmup-steps", help="Linear learning-rate warmup steps."),
-    seed: int = typer.Option(D.seed, "--seed", help="Seed for prior samples and noise."),
-    device: str = typer.Option(D.device, "--device", help="cpu, cuda or auto."),
-    precision: str = typer.Option(D.precision, "--precision",
-                                  help="fp32, bf16 autocast (CUDA or bf16 CPUs), or auto: bf16 where "
-                                  "the hardware has bf16 units, else fp32 (OUT records which ran)."),
-    obs_var: float | None = typer.Option(None, "--obs-var",
-                                         help="Observation variance v of the likelihood (default: the model's)."),
-    sample_noise: bool | None = typer.Option(
-        None, "--sample-noise/--no-sample-noise",
-        help="Add N(0, v) observation noise to decoded prior samples (default: off; on for the "
-        "bundled example)."),
-    prior: str | None = typer.Option(None, "--prior",
-                                     help="Prior to sample, where the model offers several (see info)."),
-    latents: Path | None = typer.Option(None, "--latents",
-                                        help="Sample z₀ from this file (.npy/.pt/.safetensors, N × latent shape) "
-                                        "instead of the prior."),
-    images: Path | None = typer.Option(
-        None, "--images", help="Draw z₀ from the base encoder's posteriors of this folder of "
-        "images (PNG/JPEG, any size; your own generations will do), encoded once. With --anchor "
-        "the anchor is taken on these images."),
-    fit: str = typer.Option(D.fit, "--fit", help="How --images of another size fit the model: crop "
-                            "(shorter side resized, centre crop) or tile."),
-    prior_refine: int | None = typer.Option(
-        None, "--prior-refine", help="Refine each prior draw by z ← μ_base(g(z)) this many times "
-        f"(data-free; default {D.prior_refine}{_family('prior_refine')})."),
-    anchor: float | None = typer.Option(
-        None, "--anchor", help="Weight of KL(q_tuned(z|x) ‖ q_base(z|x)), which keeps the latents "
-        f"where they were (default {D.anchor}{_family('anchor')}; see README)."),
-    save_every: int = typer.Option(D.save_every, "--save-every", help="Write a resumable state every N steps."),
-    eval_samples: int | None = typer.Option(D.eval_samples, "--eval-samples",
-                                            help="Prior samples for the before/after table "
-                                            "(default: sized so the measurement costs ≤10% of the run)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from OUT.state.pt."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT."),
+    resume: bool = typer.Option(False, "--resume", rich_help_panel=_RUN,
+                                help="Continue an interrupted run from OUT.state.pt."),
+    overwrite: bool = typer.Option(False, "--overwrite", rich_help_panel=_RUN, help="Replace an existing OUT."),
+    print_config: bool = typer.Option(False, "--print-config", rich_help_panel=_RUN,
+                                      help="Print the resolved settings and where each came from; do not run."),
     push_to_hub: str | None = typer.Option(
-        None, "--push-to-hub", help="Then evaluate base vs tuned and push model, eval and card "
-        "to this Hub repo (owner/name); see `selfconsist push --help`."),
-    private: bool = typer.Option(False, "--private", help="With --push-to-hub: create the repo private."),
+        None, "--push-to-hub", rich_help_panel=_RUN, help="Then evaluate base vs tuned and push "
+        "model, eval and card to this Hub repo (owner/name); see `selfconsist push --help`."),
+    private: bool = typer.Option(False, "--private", rich_help_panel=_RUN,
+                                 help="With --push-to-hub: create the repo private."),
+    cfg: TuneConfig | None = None,
     load: LoadOptions | None = None,
 ) -> None:
     """Fine-tune only the encoder on the model's own samples; the decoder stays byte-identical."""
     from ..distributed import is_main_process, teardown
+    from ..errors import SelfconsistError
     from ..io import META_PREFIX
     from ..tune import tune as run
 
-    if model is None:
+    example = model is None
+    if example:
         if not EXAMPLE.exists():
-            from ..errors import SelfconsistError
-
             raise SelfconsistError(f"no MODEL given and the bundled example {EXAMPLE} is missing; "
                                    "pass a checkpoint path")
         model = str(EXAMPLE)
-        steps = EXAMPLE_STEPS if steps is None else steps
-        sample_noise = EXAMPLE_SAMPLE_NOISE if sample_noise is None else sample_noise
-    sample_noise = D.sample_noise if sample_noise is None else sample_noise
     out = out or default_out(model)
     if push_to_hub is not None:  # a bad repo id fails now, not after the tuning
         from ..hub import check_repo_id
 
         check_repo_id(push_to_hub, "--push-to-hub")
-    settings = dict(rho=rho, lambda_rec=lambda_rec, steps=steps, batch_size=batch_size, lr=lr,
-                    schedule=schedule, warmup_steps=warmup_steps, seed=seed, device=device,
-                    precision=precision, obs_var=obs_var, sample_noise=sample_noise, prior=prior,
-                    latents=str(latents) if latents else None, images=str(images) if images else None,
-                    fit=fit, prior_refine=prior_refine, anchor=anchor, save_every=save_every,
-                    eval_samples=eval_samples)
-    TuneConfig.for_model(None, **settings)  # a bad option fails now, before loading anything big
-    if out.exists() and not overwrite:  # fail before loading anything big
-        from ..errors import SelfconsistError
-
+    if out.exists() and not overwrite and not print_config:  # fail before loading anything big
         raise SelfconsistError(f"{out} exists; pass --overwrite to replace it")
     options = (load or LoadOptions()).adapter_options()
     vae = load_model(model, adapter, trust_remote_code, **options)
-    cfg = TuneConfig.for_model(vae, **settings)  # the model family's defaults, then the options
+    if print_config:
+        print_settings(resolve_config(vae, cfg, example=example))
+        return
     args = [a for a in sys.argv[1:] if a != "--debug"]
     command = "selfconsist tune " + shlex.join(args[1:] if args[:1] == ["tune"] else args)
     try:
         result = run(vae, cfg, out, resume=resume, overwrite=overwrite, progress=True,
-                     metadata={META_PREFIX + "command": command})
+                     metadata={META_PREFIX + "command": command}, example=example)
     finally:
         teardown()  # leave a torchrun process group (a no-op in a single process)
     if not is_main_process():  # torchrun: rank 0 prints and pushes
@@ -158,10 +114,11 @@ def tune(
     if push_to_hub is not None:
         from ..hub import push_after_tune
 
+        c = result.settings.config
         pushed = push_after_tune(out, model, push_to_hub, private=private, command=command,
                                  load_options=options, adapter=adapter,
                                  trust_remote_code=trust_remote_code,
-                                 eval_options={"device": device, "seed": seed, "prior": prior})
+                                 eval_options={"device": c.device, "seed": c.seed, "prior": c.prior})
         typer.echo(pushed.pr_url or pushed.commit_url or f"https://huggingface.co/{push_to_hub}")
 
 
