@@ -1,6 +1,6 @@
 """Post-hoc, data-free self-consistency tuning of a pretrained VAE's encoder.
 
-The whole recipe, top to bottom (notation of ``shared/design/avae.md``):
+The whole recipe, top to bottom (notation of ``docs/design.md``):
 
     z₀ ~ p(z)                       (or refined, or a latents file, or image posteriors)
     x  = g(z₀)                      frozen decoder, no gradient
