@@ -2,7 +2,7 @@
 
 Every function takes a :class:`~selfconsist.adapters.VAEAdapter` and returns
 plain floats (or tensors for per-element figures) together with a standard error
-where it is a mean over samples. Notation as in ``shared/design/avae.md``:
+where it is a mean over samples. Notation as in ``docs/design.md``:
 whitened codes μ̂ = (μ − m)/s under the prior N(m, s²), decoder mean g(z).
 
 Nothing here looks inside a model: the PGD attack, the probe and the decoder

@@ -1,6 +1,6 @@
 r"""The AVAE objective as pure functions.
 
-Notation follows ``shared/design/avae.md``:
+Notation follows ``docs/design.md``:
 
 * prior p(z) = N(m, diag s²); whitened coordinates u = (z − m)/s;
 * encoder q(z|x) = N(μ, diag σ²); whitened μ̂ = (μ − m)/s, σ̂ = σ/s, so log σ̂² = log σ² − 2 log s;

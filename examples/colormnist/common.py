@@ -1,6 +1,6 @@
 """Shared pieces of the ColorMNIST experiments: data split, base models, evaluation, tables.
 
-Setup of ``shared/design/avae.md``: ColorMNIST from the 10k MNIST test images, the first
+Setup of ``docs/results-colormnist.md``: ColorMNIST from the 10k MNIST test images, the first
 8000 for training (and for the linear probe), the last 2000 held out; the paper's MLP
 (4×200 ReLU, sigmoid output, latent 64), v = 0.05, Adam 1e-3, 40 epochs at batch 64.
 """
