@@ -149,13 +149,70 @@ def _clip(x: Tensor, data_range: tuple[float, float]) -> Tensor:
     return x.clamp(lo, hi) if math.isfinite(hi - lo) else x
 
 
+def quantize_uint8(x: Tensor, data_range: tuple[float, float]) -> Tensor:
+    """x (in ``data_range``) as a saved 8-bit image reads back: lo + round((x − lo)/(hi − lo)·255)/255·(hi − lo)."""
+    lo, hi = data_range
+    return lo + torch.round((x - lo) / (hi - lo) * 255.0) / 255.0 * (hi - lo)
+
+
+def invert_decoder(vae: VAEAdapter, x: Tensor, z_init: Tensor, steps: int = 50, lr: float = 0.01) -> Tensor:
+    """Exact decoder inversion z = argmin_z ‖g(z) − x‖², by ``steps`` Adam steps from ``z_init``.
+
+    The steps are taken in whitened units u = z/s (s the prior's std), so ``lr`` is a fraction
+    of the latent spread, decayed by a cosine to 0 for a precise end point. Only the latents
+    get gradients (``torch.autograd.grad``), never the model's parameters.
+    """
+    s = vae.prior.std.to(z_init.device)
+    u = (z_init.float() / s).detach().requires_grad_(True)
+    opt = torch.optim.Adam([u], lr=lr)
+    with torch.enable_grad():
+        for i in range(steps):
+            for group in opt.param_groups:
+                group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * i / steps))
+            loss = (vae.decode(u * s).float() - x).pow(2).sum()
+            (u.grad,) = torch.autograd.grad(loss, u)
+            opt.step()
+    return (u * s).detach()
+
+
+@dataclass(frozen=True)
+class CycleMode:
+    """How each cycle of a chain re-encodes its image.
+
+    * ``mean`` (names as is): z = μ(x), the decoded image clipped; the deterministic chain;
+    * ``pipeline`` (prefix ``pipe_``): z ~ q(z|x) sampled, as diffusers' ``retrieve_latents``
+      does by default, and the decoded image clipped and quantised to 8 bits, as a tool saves
+      it between edits;
+    * ``bound`` (prefix ``bound_``): the first encode by the encoder, every later one by exact
+      decoder inversion (:func:`invert_decoder` from μ(x)): the *idempotent bound*, the best
+      that an encoder-only fix could give while leaving the first encode (and so the latents a
+      diffusion model reads) where they are.
+    """
+
+    prefix: str = ""
+    sample: bool = False
+    quantize: bool = False
+    invert_steps: int = 0
+
+
+CYCLE_MODES = {"mean": CycleMode(), "pipeline": CycleMode("pipe_", sample=True, quantize=True),
+               "bound": CycleMode("bound_", invert_steps=50)}
+
+
 @torch.no_grad()
-def _cycles(vae: VAEAdapter, x: Tensor, k: int) -> Iterator[Tensor]:
-    """x₁ … x_K of :func:`cycle_chain` one at a time (on the model's device, float32)."""
+def _cycles(vae: VAEAdapter, x: Tensor, k: int, mode: CycleMode = CYCLE_MODES["mean"],
+            gen: torch.Generator | None = None) -> Iterator[Tensor]:
+    """x₁ … x_K of a chain (:class:`CycleMode`) one at a time (on the model's device, float32)."""
     rng = vae.data_range
     cur = x.to(vae.device)
-    for _ in range(k):
-        cur = _clip(vae.decode(vae.encode(cur).mean).float(), rng)
+    for i in range(k):
+        q = vae.encode(cur)
+        z = q.sample(gen) if mode.sample else q.mean
+        if mode.invert_steps and i > 0:
+            z = invert_decoder(vae, cur, q.mean, mode.invert_steps)
+        cur = _clip(vae.decode(z).float(), rng)
+        if mode.quantize and math.isfinite(rng[1] - rng[0]):
+            cur = quantize_uint8(cur, rng)
         yield cur
 
 
@@ -185,7 +242,8 @@ class CycleResult:
 
 def cycle_metrics(vae: VAEAdapter, x: Tensor, cycles: Sequence[int] = (1, 2, 5, 10),
                   batch_size: int = 16, keep: int = 1,
-                  figure_steps: Sequence[int] = (0, 1, 2, 5, 10)) -> CycleResult:
+                  figure_steps: Sequence[int] = (0, 1, 2, 5, 10), mode: str = "mean",
+                  seed: int = 0) -> CycleResult:
     """Single-pass quality and cycle degradation on real images ``x`` (in the model's range).
 
     Per image i (then mean ± std/√n over images):
@@ -198,8 +256,12 @@ def cycle_metrics(vae: VAEAdapter, x: Tensor, cycles: Sequence[int] = (1, 2, 5, 
 
     Images go through in batches of ``batch_size``, one cycle at a time (memory: one batch
     of images, not the whole chain); only the chains of the first ``keep`` images are kept
-    (at ``figure_steps`` ≤ K), for the figure.
+    (at ``figure_steps`` ≤ K), for the figure. ``mode`` picks the chain (:class:`CycleMode`);
+    its prefix goes in front of every name (``pipe_cycle_psnr@10``), and the posterior samples
+    of ``pipeline`` come from a generator seeded with ``seed``.
     """
+    cm = CYCLE_MODES[mode]
+    gen = torch.Generator().manual_seed(seed) if cm.sample else None
     ks = sorted({int(c) for c in cycles})
     if not ks or ks[0] < 1:
         raise ValueError("cycles must be positive integers")
@@ -214,7 +276,7 @@ def cycle_metrics(vae: VAEAdapter, x: Tensor, cycles: Sequence[int] = (1, 2, 5, 
         x0 = x[i : i + batch_size].float()
         x0_dev = x0.to(vae.device)
         shown = [x0[: keep - i].cpu()] if i < keep and 0 in steps else []
-        for k, xk in enumerate(_cycles(vae, x0, k_max), start=1):
+        for k, xk in enumerate(_cycles(vae, x0, k_max, cm, gen), start=1):
             if k == 1:
                 per["image_psnr"].append(psnr_per_image(xk, x0_dev, rng).cpu())
                 if with_ssim:
@@ -228,6 +290,9 @@ def cycle_metrics(vae: VAEAdapter, x: Tensor, cycles: Sequence[int] = (1, 2, 5, 
     values = {name: torch.cat(v) for name, v in per.items()}
     if k_max > 1:
         values["cycle_db_lost"] = values["image_psnr"] - values[f"cycle_psnr@{k_max}"]
+    if cm.prefix:  # the single pass is the same encode in every mode but pipeline's sample
+        values = {cm.prefix + name: v for name, v in values.items() if not name.startswith("image_")
+                  or cm.sample}
     chains = torch.cat(kept) if kept else torch.empty(0)
     return CycleResult({k: Estimate.of(v) for k, v in values.items()}, values, chains, steps)
 

@@ -111,3 +111,38 @@ def test_rho_out_of_range_raises():
     z = torch.zeros(1, 2)
     with pytest.raises(ValueError):
         obj.coupling_term(z, z, z, z, 1.0)
+
+
+# --- cycle consistency --------------------------------------------------------------------------
+
+def _linear_pair(consistent: bool):
+    """A linear decoder g(z) = Az and an encoder E(x) = Bx: exactly consistent when BA = I."""
+    torch.manual_seed(0)
+    a = torch.randn(12, 4, dtype=torch.float64)
+    b = torch.linalg.pinv(a)
+    if not consistent:
+        b = b + 0.05 * torch.randn_like(b)
+    return (lambda z: z @ a.T), (lambda x: x @ b.T)
+
+
+@pytest.mark.parametrize("consistent", [True, False])
+def test_idempotence_losses_vanish_exactly_on_a_consistent_linear_model(consistent):
+    g, enc = _linear_pair(consistent)
+    z = torch.randn(16, 4, dtype=torch.float64)
+    s = torch.full((4,), 2.0, dtype=torch.float64)
+    lat = obj.latent_idempotence(enc(g(z)), z, s)
+    pix = obj.pixel_idempotence(g(enc(g(z))), g(z), obs_var=0.1)
+    if consistent:
+        assert lat.abs().max() < 1e-20 and pix.abs().max() < 1e-20
+    else:
+        assert (lat > 1e-6).all() and (pix > 1e-6).all()
+        # the latent form is in units of s: doubling s divides it by 4
+        torch.testing.assert_close(obj.latent_idempotence(enc(g(z)), z, 2 * s), lat / 4)
+
+
+def test_mean_anchor_is_zero_at_the_base_and_quadratic_in_the_shift():
+    m = torch.randn(3, 4, 2, 2, dtype=torch.float64)
+    s = torch.tensor([1.0, 2.0, 0.5, 1.0], dtype=torch.float64).view(4, 1, 1)
+    assert obj.mean_anchor(m, m, s).abs().max() == 0
+    shift = 0.1 * s  # 0.1 of each channel's std everywhere
+    torch.testing.assert_close(obj.mean_anchor(m + shift, m, s), torch.full((3,), 0.01, dtype=torch.float64))

@@ -417,3 +417,58 @@ def test_evaluate_reports_a_known_shift_and_warns(n, caplog):
     assert res["cycle_db_lost"]["value"] == pytest.approx(20 * math.log10(3), rel=1e-5)
     assert len(m["warnings"]) == 1 and "0.300" in m["warnings"][0]
     assert [r.getMessage() for r in caplog.records] == m["warnings"]
+
+
+# --- pipeline-style cycles (sampled posterior, uint8 between cycles) and the idempotent bound ----
+
+def test_quantize_uint8_is_what_a_saved_png_reads_back():
+    x = images(2)
+    q = R.quantize_uint8(x, (-1.0, 1.0))
+    want = torch.from_numpy(np.round((x.numpy() + 1) / 2 * 255).astype(np.uint8)).double() / 255 * 2 - 1
+    torch.testing.assert_close(q.double(), want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(R.quantize_uint8(q, (-1.0, 1.0)), q)  # idempotent
+
+
+def test_pipeline_cycles_on_an_identity_model_have_known_answers():
+    """Identity model (μ(x) = x, σ = e⁻², g = id): each pipeline cycle adds N(0, σ²) noise
+    and quantises, so PSNR@1 ≈ 10·log10(4/(σ² + Δ²/12)) with Δ = 2/255; the mean chain
+    is exact (120 dB cap)."""
+    x = R.quantize_uint8(images(64, shape=(3, 16, 16), lo=-0.3, hi=0.3), (-1.0, 1.0))  # no clipping
+    vae = PixelVAE()
+    mean = R.cycle_metrics(vae, x, cycles=(1, 4), mode="mean")
+    assert mean.estimates["image_psnr"].value == pytest.approx(R.PSNR_CAP_DB)
+    pipe = R.cycle_metrics(vae, x, cycles=(1, 4), mode="pipeline", seed=3)
+    sigma2 = math.exp(-4.0)
+    step = 2.0 / 255
+    want1 = 10 * math.log10(4.0 / (sigma2 + step**2 / 12))
+    assert pipe.estimates["pipe_image_psnr"].value == pytest.approx(want1, abs=0.15)
+    # K independent noises add up: MSE@4 ≈ 4σ² (+ quantisation), a loss of ≈ 10·log10(4) dB
+    assert pipe.estimates["pipe_cycle_db_lost"].value == pytest.approx(10 * math.log10(4.0), abs=0.3)
+    again = R.cycle_metrics(vae, x, cycles=(1, 4), mode="pipeline", seed=3)
+    assert again.estimates["pipe_cycle_psnr@4"].value == pipe.estimates["pipe_cycle_psnr@4"].value
+
+
+class DriftVAE(PixelVAE):
+    """μ(x) = x + b (a constant offset b per channel), g = id: the mean chain drifts by b per
+    cycle, x_K = x₀ + K·b, while the decoder is exactly invertible."""
+
+
+def test_idempotent_bound_undoes_an_encoder_drift():
+    b = torch.tensor([0.02, -0.03, 0.01])
+    vae = DriftVAE(offset=b)
+    x = images(8, lo=-0.5, hi=0.5)
+    mean = R.cycle_metrics(vae, x, cycles=(1, 5), mode="mean")
+    bound = R.cycle_metrics(vae, x, cycles=(1, 5), mode="bound")
+    # the encoder loses 10·log10(25) ≈ 14 dB from cycle 1 to 5 (error K·b against b)
+    assert mean.estimates["cycle_db_lost"].value == pytest.approx(10 * math.log10(25), abs=0.05)
+    # the bound keeps the first encode (same x₁) and inverts g exactly afterwards: nothing lost
+    assert abs(bound.estimates["bound_cycle_db_lost"].value) < 0.1
+    assert "bound_image_psnr" not in bound.estimates  # the first pass is the encoder's, as above
+
+
+def test_invert_decoder_touches_no_parameters():
+    vae = PixelVAE(gain=0.5)
+    x = images(2)
+    z = R.invert_decoder(vae, x, torch.zeros_like(x), steps=200, lr=0.05)
+    assert (vae.decode(z) - x).abs().max() < 1e-2
+    assert all(p.grad is None for p in vae.dummy.parameters())
