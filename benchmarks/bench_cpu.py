@@ -41,10 +41,12 @@ def gemm_peak(dtype: torch.dtype, n: int = 1024, reps: int = 10) -> float:
 
 def make_step(vae, batch: int, precision: str, fused: bool):
     from selfconsist import objective as obj
+    from selfconsist.posthoc import posthoc_terms
     from selfconsist.runtime import autocast
-    from selfconsist.tune import TuneConfig, posthoc_terms
+    from selfconsist.tune import TuneConfig, resolve_config
 
-    cfg = TuneConfig(batch_size=batch, device="cpu", precision=precision)
+    # the generic settings (not a family's), filled in as tune() would
+    cfg = resolve_config(None, TuneConfig(batch_size=batch, device="cpu", precision=precision)).config
     vae.freeze_decoder()
     vae.set_encoder_mode(False)
     params = [p for p in vae.encoder_parameters() if p.requires_grad]

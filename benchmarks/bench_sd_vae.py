@@ -3,7 +3,7 @@
 Builds the SD 1.x/2.x VAE architecture (``AutoencoderKL``, block widths 128-256-512-512,
 2 layers per block, 4 latent channels, 8× downsampling; random weights: speed and memory
 do not depend on the values), wraps it in selfconsist's diffusers adapter and times the
-tuning step that ``selfconsist tune`` runs (``selfconsist.tune.posthoc_terms``: decode a
+tuning step that ``selfconsist tune`` runs (``selfconsist.posthoc.posthoc_terms``: decode a
 prior sample, encode, decode the reparameterised sample, re-encode; backward into the
 encoder only; Adam), in bf16 autocast on CUDA.
 
@@ -90,8 +90,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     from selfconsist import objective as obj
     from selfconsist.adapters.diffusers import DiffusersVAE
+    from selfconsist.posthoc import posthoc_terms
     from selfconsist.runtime import adam, autocast, resolve_device
-    from selfconsist.tune import TuneConfig, posthoc_terms
+    from selfconsist.tune import TuneConfig, resolve_config
 
     device = resolve_device(args.device)
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
@@ -103,7 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
     vae = DiffusersVAE.from_model(model, image_size=args.size, gradient_checkpointing=ckpt)
     cfg = TuneConfig(steps=args.warmup + args.steps, batch_size=args.batch_size, lr=args.lr,
                      lambda_rec=args.lambda_rec, device=str(device), precision=precision,
-                     seed=args.seed)
+                     seed=args.seed, prior_refine=0, anchor=0.0)
+    cfg = resolve_config(vae, cfg).config  # the rest as tune() would fill it
     vae.to(device)
     vae.freeze_decoder()
     vae.set_encoder_mode(False)
