@@ -104,18 +104,6 @@ def per_element_corr(a: Tensor, b: Tensor) -> Tensor:
     return torch.where(denom > 1e-12, corr, torch.zeros_like(corr)).float()
 
 
-#: The one definition of each correlation figure, shared by ``tune`` and ``eval`` and written
-#: into metrics.json.
-DEFINITIONS: dict[str, str] = {
-    "latent_roundtrip_corr": (
-        "mean over latent elements i of the Pearson correlation, over prior samples, of u₀ᵢ "
-        "and μ̂ᵢ(g(z₀)) (whitened); stderr: bootstrap over prior samples "
-        "(metrics.roundtrip_corr). _responsive: the same over the decoder-responsive elements "
-        "only (the headline figure; the all-elements mean includes elements the decoder "
-        "ignores, whose re-encodings carry no information)"),
-}
-
-
 def roundtrip_corr(u0: Tensor, mu_hat: Tensor, mask: Tensor | None = None,
                    generator: torch.Generator | None = None, reps: int = 200) -> Estimate:
     """Latent round-trip correlation ρ̄ = (1/|S|) Σ_{i∈S} corr_k(u₀[k, i], μ̂[k, i]).

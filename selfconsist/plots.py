@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
+from .report import verdict
+
 FIGURES = ("roundtrip", "drift", "adversarial", "metrics", "cycles")
 
 
@@ -211,8 +213,6 @@ def metrics_figure(Figure: Any, metrics: dict[str, Any], path: Path) -> bool:
     (no change), the better direction in the label, coloured by the verdict (green better, red
     worse, grey within 2·√(se₁² + se₂²)). Needs two models; metrics whose first value is 0
     have no ratio and are named under the plot instead."""
-    from .report import verdict
-
     models = metrics["models"]
     names = list(models)
     if len(names) != 2:

@@ -13,7 +13,8 @@ import torch
 
 import selfconsist
 from selfconsist.cli import main
-from selfconsist.evaluate import EvalConfig, _to_model_range, render_table
+from selfconsist.evaluate import EvalConfig, _to_model_range
+from selfconsist.report import render_table
 from selfconsist.train import TrainConfig, train
 
 DATA_FREE = {"sample_roundtrip_mse", "latent_roundtrip_corr", "consistency_kl", "drift@10",

@@ -98,7 +98,8 @@ def eval_command(
 
     Prints the table on stdout and writes OUT/metrics.json, OUT/report.md and figures.
     """
-    from ..evaluate import EvalConfig, evaluate, fast_config, render_table
+    from ..evaluate import EvalConfig, evaluate, fast_config
+    from ..report import render_table
 
     if labels is not None and data is None:
         raise SelfconsistError("--labels needs --data")
