@@ -55,9 +55,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import __version__
 from . import metrics as M
 from . import realimage as R
+from ._version import __version__
 from .adapters.base import VAEAdapter
 from .data import Dataset, check_matches, load_dataset
 from .errors import DataError, SelfconsistError

@@ -36,8 +36,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import __version__, distributed
+from . import distributed
 from . import objective as obj
+from ._version import __version__
 from .adapters.base import VAEAdapter, randn
 from .budget import MeasurementPlan, plan_measurement
 from .errors import NonFiniteLossError, SelfconsistError

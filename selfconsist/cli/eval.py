@@ -8,7 +8,7 @@ import typer
 
 from ..errors import SelfconsistError
 from ..loading import LoadOptions
-from . import app
+from ._app import app
 from .common import AdapterOpt, TrustOpt, with_load_options
 
 

@@ -10,7 +10,7 @@ import typer
 
 from ..loading import LoadOptions, load_model
 from ..tune import TuneConfig
-from . import app
+from ._app import app
 from .common import AdapterOpt, TrustOpt, with_load_options
 
 D = TuneConfig()  # the CLI's defaults are the Python API's

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
+from .._version import __version__
 from ..adapters.base import SourceInfo
 from ..errors import CheckpointError, SelfconsistError
 from .common import _hub_error, _network_error, scrub

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .. import __version__
+from .._version import __version__
 from ..adapters.base import SourceInfo
 from ..errors import CheckpointError, SelfconsistError
 from .common import _hub_error, _network_error
