@@ -46,16 +46,27 @@ def _batches(n: int, batch_size: int):
 
 
 @torch.no_grad()
-def encode_mean(vae: VAEAdapter, x: Tensor, batch_size: int = 256) -> tuple[Tensor, Tensor]:
-    """Whitened (μ̂, log σ̂²) of q(z|x), computed in batches."""
-    p = vae.prior
+def encode_batched(vae: VAEAdapter, x: Tensor, batch_size: int = 64,
+                   device: torch.device | str | None = "cpu") -> tuple[Tensor, Tensor]:
+    """Raw (mean, log-variance) of q(z|x), float32, encoding ``batch_size`` inputs at a time
+    and gathering them on ``device``: the CPU by default, so that a large set of latents never
+    has to sit on the accelerator; None keeps them on the model's device. The one batched
+    encode of the package (tune, eval and the real-image figures all use it)."""
+    out = torch.device(vae.device if device is None else device)
     means, logvars = [], []
     for i, b in _batches(x.shape[0], batch_size):
         q = vae.encode(x[i : i + b].to(vae.device))
-        mh, lvh = obj.whiten(q.mean.float(), q.logvar.float(), p.mean, p.std)
-        means.append(mh)
-        logvars.append(lvh)
+        means.append(q.mean.float().to(out))
+        logvars.append(q.logvar.float().to(out))
     return torch.cat(means), torch.cat(logvars)
+
+
+@torch.no_grad()
+def encode_mean(vae: VAEAdapter, x: Tensor, batch_size: int = 256) -> tuple[Tensor, Tensor]:
+    """Whitened (μ̂, log σ̂²) of q(z|x), computed in batches, on the model's device."""
+    p = vae.prior
+    mean, logvar = encode_batched(vae, x, batch_size, device=None)
+    return obj.whiten(mean, logvar, p.mean, p.std)
 
 
 @torch.no_grad()
