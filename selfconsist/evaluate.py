@@ -42,7 +42,6 @@ deterministic and both models see the same prior draws and attack starts.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import platform
 import time
@@ -65,7 +64,7 @@ from .io import atomic_output
 from .metricdefs import DEFINITIONS, lookup
 from .plots import make_figures
 from .report import render_report
-from .runtime import Stages, resolve_device
+from .runtime import Stages, log, resolve_device
 from .validate import require_finite
 
 
@@ -186,7 +185,6 @@ ATTACK = "ℓ∞ PGD on the latent shift ‖μ̂(x+δ) − μ̂(x)‖²"
 
 _STAGE_SEEDS = {"responsive": 1, "roundtrip": 2, "drift": 3, "shift": 4, "bootstrap": 5,
                 "drift_data": 6, "shift_data": 7, "probe_adv": 8}
-_log = logging.getLogger("selfconsist")
 
 
 def _gen(seed: int, stage: str) -> torch.Generator:
@@ -576,7 +574,7 @@ def evaluate(model: Any, compare: Any = None, *, data: Any = None, labels: Any =
                 if line is not None:
                     warnings.append(f"{compare_name}: {line}")
         for line in warnings:
-            _log.warning(line)
+            log.warning(line)
         with stages.stage("report"):
             metrics: dict[str, Any] = {
                 "models": results,

@@ -1,6 +1,6 @@
 """Figures of ``selfconsist eval`` (PNG, matplotlib's Agg renderer, imported lazily).
 
-Without matplotlib the figures are skipped with a warning on stderr; evaluation never
+Without matplotlib the figures are skipped with a logged warning; evaluation never
 fails for want of them. Only :class:`matplotlib.figure.Figure` is used, never pyplot, so
 nothing touches a global backend or opens a window.
 """
@@ -8,7 +8,6 @@ nothing touches a global backend or opens a window.
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import numpy as np
 from torch import Tensor
 
 from .report import verdict
+from .runtime import log
 
 FIGURES = ("roundtrip", "drift", "adversarial", "metrics", "cycles")
 
@@ -24,8 +24,8 @@ def _matplotlib() -> Any | None:
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        print("warning: matplotlib is not installed; skipping the figures "
-              "(pip install 'selfconsist[plots]')", file=sys.stderr, flush=True)
+        log.warning("warning: matplotlib is not installed; skipping the figures "
+                    "(pip install 'selfconsist[plots]')")
         return None
     return Figure
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import shutil
-import sys
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import Any
 from .._version import __version__
 from ..adapters.base import SourceInfo
 from ..errors import CheckpointError, SelfconsistError
+from ..runtime import log
 from .common import _hub_error, _network_error, scrub
 from .pull import FOLDER_MARKERS, check_repo_id, is_repo_ref, parse_repo_ref, read_front_matter, resolve
 
@@ -415,7 +415,7 @@ def _run_eval(base_model_arg: str, tuned_path: Path, out: Path, *, data: str | N
     opts = dict(load_options or {})
     base = load_model(base_model_arg, adapter, trust_remote_code, revision=revision, **opts)
     tuned = load_model(str(tuned_path), adapter, trust_remote_code, **opts)
-    print("evaluating base vs tuned for the model card …", file=sys.stderr)
+    log.info("evaluating base vs tuned for the model card …")
     evaluate(base, tuned, data=data, out=out, config=EvalConfig(**dict(options or {})),
              name="base", compare_name="tuned", progress=False)
     return out if (out / "metrics.json").is_file() else None
