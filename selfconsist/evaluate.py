@@ -45,8 +45,8 @@ import json
 import math
 import platform
 import time
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Collection, Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +135,16 @@ class EvalConfig:
         if self.real_images is not None and self.real_images < 2:
             raise SelfconsistError("--real-images must be at least 2")
 
+    @classmethod
+    def resolve(cls, fast: bool = False, **given: Any) -> EvalConfig:
+        """The config of the settings a caller gave, where None means "not given" (the CLI's
+        options all default to None): a setting not given takes its field's default, declared
+        once above, or with ``fast`` the :data:`FAST_PRESET` value; one given wins over both,
+        even when it equals the default."""
+        chosen = {k: v for k, v in given.items() if v is not None}
+        cfg = cls(**chosen)
+        return fast_config(cfg, chosen) if fast else cfg
+
     def eps_for(self, data_range: tuple[float, float]) -> tuple[float, ...]:
         if self.eps is not None:
             return self.eps
@@ -152,11 +162,14 @@ FAST_PRESET = {"samples": 256, "pgd_steps": 5, "responsive_samples": 16, "bootst
                "real_images": 16}
 
 
-def fast_config(cfg: EvalConfig) -> EvalConfig:
-    """``cfg`` with the fast preset applied to every field still at its default value."""
-    default = EvalConfig()
-    changes = {k: v for k, v in FAST_PRESET.items() if getattr(cfg, k) == getattr(default, k)}
-    return replace(cfg, **changes)
+def fast_config(cfg: EvalConfig, given: Collection[str] | None = None) -> EvalConfig:
+    """``cfg`` with the fast preset on every setting the user did not give. ``given`` names
+    the ones they did (:meth:`EvalConfig.resolve` passes them), so an explicit ``--samples
+    1000`` stays 1000 although it is the default; None (a config built by hand) counts the
+    fields whose value differs from their declared default as given."""
+    if given is None:
+        given = {f.name for f in fields(cfg) if getattr(cfg, f.name) != f.default}
+    return replace(cfg, **{k: v for k, v in FAST_PRESET.items() if k not in given})
 
 
 def probe_max_elements(cfg: EvalConfig, d: int) -> int:

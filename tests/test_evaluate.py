@@ -109,6 +109,41 @@ def test_cli_eval_writes_metrics_report_and_figures(models, tmp_path, capsys) ->
         "sample_roundtrip_mse"]
 
 
+def test_cli_fast_keeps_what_the_user_gave_even_at_the_default(tmp_path, monkeypatch,
+                                                               capsys) -> None:
+    # --fast lowers only the settings the user did not give: an explicit --samples 1000 stays
+    # 1000 although it is EvalConfig's default (the preset would make it 256).
+    import selfconsist.cli.eval as cli_eval
+    from selfconsist.evaluate import FAST_PRESET
+
+    seen: list[tuple[EvalConfig, dict]] = []
+
+    def fake_evaluate(model, compare=None, *, config, **kwargs):
+        seen.append((config, kwargs))
+        return type("R", (), {"metrics": {"models": {"model": {}}}})()
+
+    monkeypatch.setattr(cli_eval, "evaluate", fake_evaluate)
+    d = EvalConfig()
+    base = ["eval", "m.safetensors", "--out", str(tmp_path / "o")]
+    code, _, err = run_cli(base + ["--fast", "--samples", str(d.samples), "--pgd-steps", "7"],
+                           capsys)
+    assert code == 0, err
+    cfg, kwargs = seen[-1]
+    assert cfg.samples == d.samples and cfg.pgd_steps == 7
+    assert (cfg.responsive_samples, cfg.bootstrap, cfg.real_images) == (
+        FAST_PRESET["responsive_samples"], FAST_PRESET["bootstrap"], FAST_PRESET["real_images"])
+    assert "name" not in kwargs and "compare_name" not in kwargs  # evaluate()'s own defaults
+    # Nothing given: every setting is EvalConfig's default, declared once on the field.
+    code, _, err = run_cli(base, capsys)
+    assert code == 0, err
+    assert seen[-1][0] == d
+    code, _, err = run_cli(base + ["--fast"], capsys)
+    assert code == 0, err
+    assert seen[-1][0] == EvalConfig(**FAST_PRESET)
+    assert EvalConfig.resolve(seed=None, samples=None) == d
+    assert EvalConfig.resolve(True, samples=d.samples).samples == d.samples
+
+
 def test_cli_refuses_a_non_empty_out_and_bad_labels(models, tmp_path, capsys) -> None:
     out = tmp_path / "busy"
     out.mkdir()
