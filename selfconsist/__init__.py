@@ -22,14 +22,13 @@ import sys
 import types
 from typing import Any
 
-__version__ = "0.1.0"
-
-from .adapters import VAEAdapter, register_adapter  # noqa: E402
-from .errors import SelfconsistError  # noqa: E402
-from .evaluate import EvalConfig  # noqa: E402
-from .loading import LoadOptions, load_model  # noqa: E402
-from .train import TrainConfig  # noqa: E402
-from .tune import TuneConfig, TuneResult  # noqa: E402
+from ._version import __version__
+from .adapters import VAEAdapter, register_adapter
+from .errors import SelfconsistError
+from .evaluate import EvalConfig
+from .loading import LoadOptions, load_model
+from .train import TrainConfig
+from .tune import TuneConfig, TuneResult
 
 
 class _CallableModule(types.ModuleType):

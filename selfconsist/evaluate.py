@@ -33,7 +33,8 @@ x_model = lo + (hi − lo)·x):
   not know the probe); ``probe_acc_ce@ε`` under a stronger, probe-aware PGD that maximises the
   probe's cross-entropy through the encoder mean and the probe.
 
-Every metric carries a standard error; :data:`STDERR_METHODS` says how each is computed.
+Every metric carries a standard error; :data:`selfconsist.metricdefs.METRICS` says how each is
+computed.
 Every random draw comes from a generator seeded from ``seed`` and the stage, so a run is
 deterministic and both models see the same prior draws and attack starts.
 """
@@ -41,12 +42,11 @@ deterministic and both models see the same prior draws and attack starts.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import platform
 import time
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Collection, Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,81 +54,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import __version__
 from . import metrics as M
 from . import realimage as R
+from ._version import __version__
 from .adapters.base import VAEAdapter
 from .data import Dataset, check_matches, load_dataset
 from .errors import DataError, SelfconsistError
 from .io import atomic_output
-from .runtime import Stages, resolve_device
+from .metricdefs import DEFINITIONS, lookup
+from .plots import make_figures
+from .report import render_report
+from .runtime import Stages, log, resolve_device
 from .validate import require_finite
-
-#: How each metric's standard error is computed (a prefix matches metrics with ``@ε``/``@K``).
-STDERR_METHODS: dict[str, str] = {
-    "sample_roundtrip_mse": "analytic: std/√n over prior samples",
-    "latent_roundtrip_corr": "bootstrap over prior samples",
-    "latent_roundtrip_corr_responsive": "bootstrap over prior samples (mask fixed)",
-    "consistency_kl": "analytic: std/√n over prior samples",
-    "drift@": "analytic: std/√n over start points",
-    "drift_data@": "analytic: std/√n over held-out inputs",
-    "adv_shift@": "analytic std/√n of the shift over inputs, divided by the pair distance",
-    "adv_shift_data@": "analytic std/√n of the shift over inputs, divided by the pair distance",
-    "responsive_elements": "bootstrap over the prior samples of the response test",
-    "recon_mse": "analytic: std/√n over held-out inputs",
-    "recon_psnr": "delta method from recon_mse",
-    "active_units": "bootstrap over held-out inputs",
-    "responsive_active": "bootstrap over held-out inputs and response samples",
-    "probe_acc": "binomial: √(p(1−p)/n)",
-    "probe_acc_adv@": "binomial: √(p(1−p)/n)",
-    "probe_acc_ce@": "binomial: √(p(1−p)/n)",
-    "image_psnr": "analytic: std/√n over images (per-image PSNR)",
-    "image_ssim": "analytic: std/√n over images (per-image SSIM)",
-    "cycle_psnr@": "analytic: std/√n over images (per-image PSNR)",
-    "cycle_db_lost": "analytic: std/√n over images (per-image difference)",
-    "latent_shift": "analytic: std/√n over images (per-image mean shift)",
-    "latent_decode_psnr": "analytic: std/√n over images (per-image PSNR)",
-}
-
-#: metric (or prefix) → (short description, which way is better: "up", "down" or "").
-METRIC_INFO: dict[str, tuple[str, str]] = {
-    "sample_roundtrip_mse": ("sample round-trip error ‖g(z₀) − g(μ(g(z₀)))‖²/D", "down"),
-    "latent_roundtrip_corr": ("latent round-trip correlation, all elements (includes elements "
-                              "the decoder ignores)", "up"),
-    "latent_roundtrip_corr_responsive": ("latent round-trip correlation, responsive elements",
-                                         "up"),
-    "consistency_kl": ("KL(q(u|g(z₀)) ‖ N(ρu₀, 1−ρ²)) per element", "down"),
-    "drift@": ("drift ‖x_K − x₁‖²/D from model samples", "down"),
-    "adv_shift@": ("PGD latent shift / pair distance, model samples", "down"),
-    "responsive_elements": ("decoder-responsive latent elements", ""),
-    "recon_mse": ("reconstruction MSE, held out", "down"),
-    "recon_psnr": ("reconstruction PSNR (dB), held out", "up"),
-    "active_units": ("active units (Var μ̂ > 0.01)", ""),
-    "responsive_active": ("responsive elements that are active", "up"),
-    "drift_data@": ("drift ‖x_K − x₁‖²/D from held-out inputs", "down"),
-    "adv_shift_data@": ("PGD latent shift / pair distance, held out", "down"),
-    "probe_acc": ("linear probe accuracy, clean", "up"),
-    "probe_acc_adv@": ("linear probe accuracy under the latent-shift PGD (encoder attack)", "up"),
-    "probe_acc_ce@": ("linear probe accuracy under PGD on the probe's cross-entropy", "up"),
-    "image_psnr": ("single-pass PSNR (dB) of g(μ(x)) vs x, per-image mean, real images", "up"),
-    "image_ssim": ("single-pass SSIM of g(μ(x)) vs x (Gaussian 11×11, σ 1.5), per-image mean",
-                   "up"),
-    "cycle_psnr@": ("PSNR (dB) of x_K vs the original x₀ after K encode → decode cycles, "
-                    "per-image mean", "up"),
-    "cycle_db_lost": ("dB lost from cycle 1 to the last of the cycles (PSNR@1 − PSNR@K)", "down"),
-    "latent_shift": ("mean |μ_tuned(x) − μ_base(x)| in base-latent std units, real images",
-                     "down"),
-    "latent_decode_psnr": ("PSNR (dB) of g(μ_tuned(x)) vs g(μ_base(x)), per-image mean", "up"),
-}
-
-
-def _lookup(table: dict[str, Any], key: str) -> Any:
-    if key in table:
-        return table[key]
-    for prefix, v in table.items():
-        if prefix.endswith("@") and key.startswith(prefix):
-            return v
-    return None
 
 
 @dataclass
@@ -198,6 +135,16 @@ class EvalConfig:
         if self.real_images is not None and self.real_images < 2:
             raise SelfconsistError("--real-images must be at least 2")
 
+    @classmethod
+    def resolve(cls, fast: bool = False, **given: Any) -> EvalConfig:
+        """The config of the settings a caller gave, where None means "not given" (the CLI's
+        options all default to None): a setting not given takes its field's default, declared
+        once above, or with ``fast`` the :data:`FAST_PRESET` value; one given wins over both,
+        even when it equals the default."""
+        chosen = {k: v for k, v in given.items() if v is not None}
+        cfg = cls(**chosen)
+        return fast_config(cfg, chosen) if fast else cfg
+
     def eps_for(self, data_range: tuple[float, float]) -> tuple[float, ...]:
         if self.eps is not None:
             return self.eps
@@ -215,11 +162,14 @@ FAST_PRESET = {"samples": 256, "pgd_steps": 5, "responsive_samples": 16, "bootst
                "real_images": 16}
 
 
-def fast_config(cfg: EvalConfig) -> EvalConfig:
-    """``cfg`` with the fast preset applied to every field still at its default value."""
-    default = EvalConfig()
-    changes = {k: v for k, v in FAST_PRESET.items() if getattr(cfg, k) == getattr(default, k)}
-    return replace(cfg, **changes)
+def fast_config(cfg: EvalConfig, given: Collection[str] | None = None) -> EvalConfig:
+    """``cfg`` with the fast preset on every setting the user did not give. ``given`` names
+    the ones they did (:meth:`EvalConfig.resolve` passes them), so an explicit ``--samples
+    1000`` stays 1000 although it is the default; None (a config built by hand) counts the
+    fields whose value differs from their declared default as given."""
+    if given is None:
+        given = {f.name for f in fields(cfg) if getattr(cfg, f.name) != f.default}
+    return replace(cfg, **{k: v for k, v in FAST_PRESET.items() if k not in given})
 
 
 def probe_max_elements(cfg: EvalConfig, d: int) -> int:
@@ -248,7 +198,6 @@ ATTACK = "ℓ∞ PGD on the latent shift ‖μ̂(x+δ) − μ̂(x)‖²"
 
 _STAGE_SEEDS = {"responsive": 1, "roundtrip": 2, "drift": 3, "shift": 4, "bootstrap": 5,
                 "drift_data": 6, "shift_data": 7, "probe_adv": 8}
-_log = logging.getLogger("selfconsist")
 
 
 def _gen(seed: int, stage: str) -> torch.Generator:
@@ -521,135 +470,6 @@ def _evaluate_model(vae: VAEAdapter, cfg: EvalConfig, split: _Split | None, stag
     return out, art
 
 
-# --- rendering ---------------------------------------------------------------------------------
-
-def _fmt(v: float | None, se: float | None = None) -> str:
-    if v is None:
-        return "–"
-    text = f"{v:.4g}"
-    if se is not None and math.isfinite(se) and se > 0:
-        text += f" ± {se:.2g}"
-    return text
-
-
-def render_table(metrics: dict[str, Any], names: list[str] | None = None) -> str:
-    """The metrics of metrics.json as a markdown table: one row per metric, one column per
-    model, and (for two models) the change from the first to the second and its verdict
-    (:mod:`selfconsist.report`: better, worse or no significant change given the standard
-    errors).
-
-    ``metrics`` is the metrics.json dict (``{"models": {NAME: {metric: {"value", "stderr"}}}}``)
-    or just its ``"models"`` part. Values read ``value ± stderr``; the last column says which
-    way is better. This is the table of report.md and of the Hub model card.
-    """
-    from .report import verdict
-    models = metrics.get("models", metrics)
-    names = list(models) if names is None else names
-    keys: list[str] = []
-    for n in names:
-        keys += [k for k in models[n] if k not in keys]
-    head = ["metric", *names]
-    if len(names) == 2:
-        head += ["change", "verdict"]
-    head.append("better")
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    arrows = {"up": "↑ higher", "down": "↓ lower", "": ""}
-    marks = {"better": "**better**", "worse": "**worse**"}
-    for k in keys:
-        cells = [f"`{k}`"]
-        vals = []
-        for n in names:
-            e = models[n].get(k)
-            vals.append(None if e is None else e.get("value"))
-            cells.append(_fmt(vals[-1], None if e is None else e.get("stderr")))
-        if len(names) == 2:
-            a, b = vals
-            if a is None or b is None:
-                cells += ["–", "–"]
-            else:
-                rel = f" ({(b - a) / abs(a) * 100:+.0f}%)" if abs(a) > 1e-12 else ""
-                cells.append(f"{b - a:+.4g}{rel}")
-                v = verdict(k, models[names[0]][k], models[names[1]][k]).verdict
-                cells.append(marks.get(v, v))
-        info = _lookup(METRIC_INFO, k)
-        cells.append(arrows[info[1]] if info else "")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def render_report(metrics: dict[str, Any], figures: dict[str, str] | None = None) -> str:
-    """report.md: the table, what each metric means, how errors were computed, the figures."""
-    cfg = metrics.get("config", {})
-    names = list(metrics["models"])
-    lines = ["# selfconsist evaluation", ""]
-    for n in names:
-        src = cfg.get("sources", {}).get(n)
-        lines.append(f"- **{n}**: `{src}`" if src else f"- **{n}**")
-    data = metrics.get("data")
-    if data:
-        lines.append(f"- data: `{data['spec']}`, {data['n_test']} held-out items (the last of "
-                     f"{data['n']})" + (f", probe trained on the first {data['n_train_probe']}"
-                                        if data.get("n_train_probe") else ""))
-        if data.get("probe_chance_acc") is not None:
-            lines.append(f"- probe chance accuracy (majority class): "
-                         f"{data['probe_chance_acc']:.3f}")
-    else:
-        lines.append("- data: none (data-free metrics only)")
-    lines.append(f"- seed {cfg.get('seed')}, {cfg.get('samples')} prior samples, "
-                 f"ε = {', '.join(f'{e:g}' for e in cfg.get('eps_used', []))} (data units), "
-                 f"PGD {cfg.get('pgd_steps')} steps of ε/8, ρ = {cfg.get('rho')}")
-    if any("cycle_psnr@" in k for r in metrics["models"].values() for k in r):
-        n_img = (data or {}).get("n_test") if cfg.get("real_images") is None else min(
-            cfg["real_images"], (data or {}).get("n_test") or cfg["real_images"])
-        lines.append(f"- real-image cycles: {n_img} held-out images "
-                     f"(image folders fitted by `{cfg.get('fit', 'crop')}`), K = "
-                     f"{', '.join(str(k) for k in cfg.get('cycles', []))}; x_k = clip(g(μ(x_(k−1)))), "
-                     "PSNR/SSIM per image, then averaged")
-    modes = cfg.get("responsive_mode", {})
-    if "channel" in modes.values():
-        lines.append("- decoder-responsive elements were probed per latent channel (the "
-                     "latent is large): every element of a channel shares its verdict")
-    if metrics.get("warnings"):
-        lines += ["", "## Warnings", ""] + [f"> {w}" for w in metrics["warnings"]]
-    if len(names) == 2:
-        from .report import summary_lines
-
-        a, b = (metrics["models"][n] for n in names)
-        lines += ["", f"## Summary: {names[1]} against {names[0]}", "",
-                  *[f"- {line}" for line in summary_lines(a, b)]]
-    lines += ["", "## Metrics", "", render_table(metrics, names)]
-    lines += ["Values are `value ± standard error`. ↑ higher / ↓ lower: which way is better; "
-              "counts without an arrow describe the model rather than rank it. A change counts "
-              "(better or worse) when |Δ| > 2·√(se₁² + se₂²); otherwise it is within the noise. "
-              "A robustness number counts only "
-              "beside reconstruction, active units and probe accuracy (a constant encoder is "
-              "perfectly robust and useless).", "", "| metric | meaning | standard error |",
-              "|---|---|---|"]
-    keys: list[str] = []
-    for n in names:
-        keys += [k for k in metrics["models"][n] if k not in keys]
-    for k in keys:
-        info = _lookup(METRIC_INFO, k)
-        meaning = (info[0] if info else "").replace("|", "\\|")  # a bare | splits the cell
-        lines.append(f"| `{k}` | {meaning} | {_lookup(STDERR_METHODS, k) or ''} |")
-    if figures:
-        lines += ["", "## Figures", ""]
-        captions = {
-            "roundtrip": "Model samples x = g(z₀), their re-encodings g(μ(x)), the difference "
-                         "|x − g(μ(x))| and the per-image error",
-            "drift": "Drift chains x₀, x₁ = g(μ(x₀)), …, x_K",
-            "adversarial": "Clean and PGD-attacked inputs with their decodings, at every ε "
-                           "(label and probe prediction above each input)",
-            "metrics": "Each metric as the ratio of the second model to the first "
-                       "(error bars: ±1 standard error; green better, red worse, grey within "
-                       "the noise)",
-            "cycles": "Real images through K encode → decode cycles: PSNR against the original",
-        }
-        for key, fname in figures.items():
-            lines += [f"### {captions.get(key, key)}", "", f"![{key}]({fname})", ""]
-    return "\n".join(lines).rstrip() + "\n"
-
-
 def _jsonable(obj: Any) -> Any:
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
@@ -767,7 +587,7 @@ def evaluate(model: Any, compare: Any = None, *, data: Any = None, labels: Any =
                 if line is not None:
                     warnings.append(f"{compare_name}: {line}")
         for line in warnings:
-            _log.warning(line)
+            log.warning(line)
         with stages.stage("report"):
             metrics: dict[str, Any] = {
                 "models": results,
@@ -785,9 +605,9 @@ def evaluate(model: Any, compare: Any = None, *, data: Any = None, labels: Any =
                                      for stage, k in _STAGE_SEEDS.items()}},
                 "data": split.describe() if split is not None else None,
                 "warnings": warnings,
-                "stderr_methods": {k: _lookup(STDERR_METHODS, k)
+                "stderr_methods": {k: getattr(lookup(k), "stderr", None)
                                    for r in results.values() for k in r},
-                "definitions": dict(M.DEFINITIONS),
+                "definitions": dict(DEFINITIONS),
                 "versions": _versions(),
                 "timing_s": timing,
             }
@@ -798,8 +618,6 @@ def evaluate(model: Any, compare: Any = None, *, data: Any = None, labels: Any =
                 with atomic_output(out_path, overwrite=replace) as tmp:
                     tmp.mkdir()
                     if cfg.figures:
-                        from .plots import make_figures
-
                         figures = make_figures(tmp, artifacts, metrics)
                     report = render_report(metrics, figures)
                     (tmp / "metrics.json").write_text(

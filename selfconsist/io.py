@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .errors import CheckpointError, SelfconsistError
+from .runtime import log
 
 # safetensors stores metadata as str→str; we keep ours under one prefix.
 META_PREFIX = "selfconsist."
@@ -338,8 +339,8 @@ def output_lock(out: str | Path) -> Iterator[Path]:
                     raise SelfconsistError(f"{lock} exists but is unreadable; if no other run is "
                                            f"writing {out}, remove it and run again") from None
                 if owner.get("host") == me["host"] and not _pid_alive(owner.get("pid")):
-                    print(f"note: taking over the stale lock {lock} of a run that is gone "
-                          f"(pid {owner.get('pid')}, started {owner.get('started')})", file=sys.stderr)
+                    log.warning(f"note: taking over the stale lock {lock} of a run that is gone "
+                                f"(pid {owner.get('pid')}, started {owner.get('started')})")
                     lock.unlink(missing_ok=True)
                     continue
                 raise SelfconsistError(

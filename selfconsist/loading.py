@@ -100,20 +100,20 @@ def load_model(model: Any, adapter: str | None = None, trust_remote_code: bool =
     """
     if not isinstance(model, (str, Path)):
         return as_adapter(model, adapter, trust_remote_code, **options)
-    from .hub import pull
+    from .hub.pull import attach_source, is_repo_ref, resolve_model
 
     text = str(model)
-    from_hub = isinstance(model, str) and pull.is_repo_ref(text)
+    from_hub = isinstance(model, str) and is_repo_ref(text)
     path = Path(text).expanduser()
     if from_hub:
-        path = pull.resolve_model(text, revision=revision, trust_remote_code=trust_remote_code,
+        path = resolve_model(text, revision=revision, trust_remote_code=trust_remote_code,
                                   token=token)
     elif revision is not None:
         raise SelfconsistError(f"--revision {revision!r} applies to a Hub repo id; {text} is a "
                                "local path")
     vae = load_path(path, adapter=adapter, trust_remote_code=trust_remote_code, **options)
     if from_hub:  # record repo id, commit and license for metadata and model cards
-        pull.attach_source(vae, path)
+        attach_source(vae, path)
     return vae
 
 

@@ -46,16 +46,27 @@ def _batches(n: int, batch_size: int):
 
 
 @torch.no_grad()
-def encode_mean(vae: VAEAdapter, x: Tensor, batch_size: int = 256) -> tuple[Tensor, Tensor]:
-    """Whitened (μ̂, log σ̂²) of q(z|x), computed in batches."""
-    p = vae.prior
+def encode_batched(vae: VAEAdapter, x: Tensor, batch_size: int = 64,
+                   device: torch.device | str | None = "cpu") -> tuple[Tensor, Tensor]:
+    """Raw (mean, log-variance) of q(z|x), float32, encoding ``batch_size`` inputs at a time
+    and gathering them on ``device``: the CPU by default, so that a large set of latents never
+    has to sit on the accelerator; None keeps them on the model's device. The one batched
+    encode of the package (tune, eval and the real-image figures all use it)."""
+    out = torch.device(vae.device if device is None else device)
     means, logvars = [], []
     for i, b in _batches(x.shape[0], batch_size):
         q = vae.encode(x[i : i + b].to(vae.device))
-        mh, lvh = obj.whiten(q.mean.float(), q.logvar.float(), p.mean, p.std)
-        means.append(mh)
-        logvars.append(lvh)
+        means.append(q.mean.float().to(out))
+        logvars.append(q.logvar.float().to(out))
     return torch.cat(means), torch.cat(logvars)
+
+
+@torch.no_grad()
+def encode_mean(vae: VAEAdapter, x: Tensor, batch_size: int = 256) -> tuple[Tensor, Tensor]:
+    """Whitened (μ̂, log σ̂²) of q(z|x), computed in batches, on the model's device."""
+    p = vae.prior
+    mean, logvar = encode_batched(vae, x, batch_size, device=None)
+    return obj.whiten(mean, logvar, p.mean, p.std)
 
 
 @torch.no_grad()
@@ -102,18 +113,6 @@ def per_element_corr(a: Tensor, b: Tensor) -> Tensor:
     denom = a.norm(dim=0) * b.norm(dim=0)
     corr = (a * b).sum(0) / denom.clamp_min(1e-12)
     return torch.where(denom > 1e-12, corr, torch.zeros_like(corr)).float()
-
-
-#: The one definition of each correlation figure, shared by ``tune`` and ``eval`` and written
-#: into metrics.json.
-DEFINITIONS: dict[str, str] = {
-    "latent_roundtrip_corr": (
-        "mean over latent elements i of the Pearson correlation, over prior samples, of u₀ᵢ "
-        "and μ̂ᵢ(g(z₀)) (whitened); stderr: bootstrap over prior samples "
-        "(metrics.roundtrip_corr). _responsive: the same over the decoder-responsive elements "
-        "only (the headline figure; the all-elements mean includes elements the decoder "
-        "ignores, whose re-encodings carry no information)"),
-}
 
 
 def roundtrip_corr(u0: Tensor, mu_hat: Tensor, mask: Tensor | None = None,

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .report import render_table
+
 START = "<!-- selfconsist:start -->"
 END = "<!-- selfconsist:end -->"
 TAGS = ["selfconsist", "vae", "self-consistency", "avae"]
@@ -231,9 +233,7 @@ def metrics_table(columns: dict[str, dict[str, Any]]) -> str:
 
 
 def _eval_table(metrics: dict[str, Any]) -> str:
-    """The eval run's table: the one report.md shows (selfconsist.evaluate's renderer)."""
-    from .evaluate import render_table
-
+    """The eval run's table: the one report.md shows (:func:`selfconsist.report.render_table`)."""
     models = metrics.get("models") if isinstance(metrics, dict) else None
     if not isinstance(models, dict) or not models:
         return "_metrics.json holds no models_"

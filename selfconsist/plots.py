@@ -1,6 +1,6 @@
 """Figures of ``selfconsist eval`` (PNG, matplotlib's Agg renderer, imported lazily).
 
-Without matplotlib the figures are skipped with a warning on stderr; evaluation never
+Without matplotlib the figures are skipped with a logged warning; evaluation never
 fails for want of them. Only :class:`matplotlib.figure.Figure` is used, never pyplot, so
 nothing touches a global backend or opens a window.
 """
@@ -8,12 +8,14 @@ nothing touches a global backend or opens a window.
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from torch import Tensor
+
+from .report import verdict
+from .runtime import log
 
 FIGURES = ("roundtrip", "drift", "adversarial", "metrics", "cycles")
 
@@ -22,8 +24,8 @@ def _matplotlib() -> Any | None:
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        print("warning: matplotlib is not installed; skipping the figures "
-              "(pip install 'selfconsist[plots]')", file=sys.stderr, flush=True)
+        log.warning("warning: matplotlib is not installed; skipping the figures "
+                    "(pip install 'selfconsist[plots]')")
         return None
     return Figure
 
@@ -211,8 +213,6 @@ def metrics_figure(Figure: Any, metrics: dict[str, Any], path: Path) -> bool:
     (no change), the better direction in the label, coloured by the verdict (green better, red
     worse, grey within 2·√(se₁² + se₂²)). Needs two models; metrics whose first value is 0
     have no ratio and are named under the plot instead."""
-    from .report import verdict
-
     models = metrics["models"]
     names = list(models)
     if len(names) != 2:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .adapters.base import VAEAdapter
-from .metrics import Estimate
+from .metrics import Estimate, encode_batched
 
 
 def channel_std(mu: Tensor) -> Tensor:
@@ -300,12 +300,6 @@ def cycle_metrics(vae: VAEAdapter, x: Tensor, cycles: Sequence[int] = (1, 2, 5, 
 # --- latent compatibility between a base encoder and its tuned copy --------------------------------
 
 @torch.no_grad()
-def _encode_means(vae: VAEAdapter, x: Tensor, batch_size: int) -> Tensor:
-    return torch.cat([vae.encode(x[i : i + batch_size].to(vae.device)).mean.float().cpu()
-                      for i in range(0, x.shape[0], batch_size)])
-
-
-@torch.no_grad()
 def latent_compatibility(base: VAEAdapter, tuned: VAEAdapter, x: Tensor,
                          batch_size: int = 16) -> dict[str, Estimate]:
     """How far the tuned encoder moved real images' latents, per image i (mean ± std/√n):
@@ -322,10 +316,10 @@ def latent_compatibility(base: VAEAdapter, tuned: VAEAdapter, x: Tensor,
     ``x`` is in the model's data range. A flat latent needs at least two images (its channels
     are single elements, whose spread is across images).
     """
-    mu_b = _encode_means(base, x, batch_size)
+    mu_b = encode_batched(base, x, batch_size)[0]
     if mu_b.dim() < 3 and x.shape[0] < 2:
         raise ValueError("latent compatibility of a flat latent needs at least 2 images")
-    mu_t = _encode_means(tuned, x, batch_size)
+    mu_t = encode_batched(tuned, x, batch_size)[0]
     if mu_b.shape != mu_t.shape:
         raise ValueError(f"the two encoders give latents of different shapes "
                          f"{tuple(mu_b.shape[1:])} and {tuple(mu_t.shape[1:])}")

@@ -16,6 +16,7 @@ from torch import Tensor
 from . import objective as obj
 from .adapters.base import VAEAdapter
 from .errors import SelfconsistError
+from .metrics import encode_batched
 
 
 def load_latents(path: str | Path, latent_shape: tuple[int, ...]) -> Tensor:
@@ -77,17 +78,6 @@ def frozen_copy(vae: VAEAdapter) -> VAEAdapter:
     base.freeze_decoder()
     base.set_encoder_mode(False)
     return base
-
-
-@torch.no_grad()
-def encode_batched(vae: VAEAdapter, x: Tensor, batch_size: int = 64) -> tuple[Tensor, Tensor]:
-    """(mean, logvar) of q(z|x) for a whole batch, in chunks, on the CPU."""
-    means, logvars = [], []
-    for i in range(0, x.shape[0], batch_size):
-        q = vae.encode(x[i:i + batch_size].to(vae.device))
-        means.append(q.mean.float().cpu())
-        logvars.append(q.logvar.float().cpu())
-    return torch.cat(means), torch.cat(logvars)
 
 
 class Z0Source:

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
 from . import objective as obj
+from ._version import __version__
 from .adapters.builtin import BuiltinVAE, new_model
 from .data import Dataset, load_dataset
 from .errors import NonFiniteLossError, SelfconsistError

@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import __version__, distributed, posthoc
+from . import distributed, posthoc
+from ._version import __version__
 from .adapters.base import VAEAdapter
 from .budget import MeasurementPlan, plan_measurement
 from .errors import NonFiniteLossError, SelfconsistError
@@ -45,7 +46,7 @@ from .io import (
     sha256_file,
     state_path_for,
 )
-from .metrics import responsive_elements, roundtrip_summary
+from .metrics import encode_batched, responsive_elements, roundtrip_summary
 from .realimage import channel_std, latent_shift_per_image, shift_warning
 from .runtime import (
     PRECISIONS,
@@ -64,7 +65,7 @@ from .runtime import (
     stoppable,
 )
 from .settings import Resolved, resolve, setting
-from .sources import Z0Source, encode_batched, frozen_copy, load_images, load_latents  # noqa: F401
+from .sources import Z0Source, frozen_copy, load_images, load_latents  # noqa: F401
 from .validate import require_finite
 
 SCHEDULES = ("constant", "cosine", "linear")

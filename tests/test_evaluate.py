@@ -13,7 +13,8 @@ import torch
 
 import selfconsist
 from selfconsist.cli import main
-from selfconsist.evaluate import EvalConfig, _to_model_range, render_table
+from selfconsist.evaluate import EvalConfig, _to_model_range
+from selfconsist.report import render_table
 from selfconsist.train import TrainConfig, train
 
 DATA_FREE = {"sample_roundtrip_mse", "latent_roundtrip_corr", "consistency_kl", "drift@10",
@@ -108,6 +109,41 @@ def test_cli_eval_writes_metrics_report_and_figures(models, tmp_path, capsys) ->
         "sample_roundtrip_mse"]
 
 
+def test_cli_fast_keeps_what_the_user_gave_even_at_the_default(tmp_path, monkeypatch,
+                                                               capsys) -> None:
+    # --fast lowers only the settings the user did not give: an explicit --samples 1000 stays
+    # 1000 although it is EvalConfig's default (the preset would make it 256).
+    import selfconsist.cli.eval as cli_eval
+    from selfconsist.evaluate import FAST_PRESET
+
+    seen: list[tuple[EvalConfig, dict]] = []
+
+    def fake_evaluate(model, compare=None, *, config, **kwargs):
+        seen.append((config, kwargs))
+        return type("R", (), {"metrics": {"models": {"model": {}}}})()
+
+    monkeypatch.setattr(cli_eval, "evaluate", fake_evaluate)
+    d = EvalConfig()
+    base = ["eval", "m.safetensors", "--out", str(tmp_path / "o")]
+    code, _, err = run_cli(base + ["--fast", "--samples", str(d.samples), "--pgd-steps", "7"],
+                           capsys)
+    assert code == 0, err
+    cfg, kwargs = seen[-1]
+    assert cfg.samples == d.samples and cfg.pgd_steps == 7
+    assert (cfg.responsive_samples, cfg.bootstrap, cfg.real_images) == (
+        FAST_PRESET["responsive_samples"], FAST_PRESET["bootstrap"], FAST_PRESET["real_images"])
+    assert "name" not in kwargs and "compare_name" not in kwargs  # evaluate()'s own defaults
+    # Nothing given: every setting is EvalConfig's default, declared once on the field.
+    code, _, err = run_cli(base, capsys)
+    assert code == 0, err
+    assert seen[-1][0] == d
+    code, _, err = run_cli(base + ["--fast"], capsys)
+    assert code == 0, err
+    assert seen[-1][0] == EvalConfig(**FAST_PRESET)
+    assert EvalConfig.resolve(seed=None, samples=None) == d
+    assert EvalConfig.resolve(True, samples=d.samples).samples == d.samples
+
+
 def test_cli_refuses_a_non_empty_out_and_bad_labels(models, tmp_path, capsys) -> None:
     out = tmp_path / "busy"
     out.mkdir()
@@ -147,13 +183,14 @@ def test_split_labels_override_and_overwrite(models, tmp_path, capsys) -> None:
     assert set(json.loads((out / "metrics.json").read_text())["models"]) == {"base"}
 
 
-def test_python_api_without_matplotlib(models, tmp_path, monkeypatch, capsys) -> None:
+def test_python_api_without_matplotlib(models, tmp_path, monkeypatch, caplog) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import now fails
     vae = selfconsist.load(models[0])
     x = torch.rand(60, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     cfg = selfconsist.EvalConfig(samples=64, device="cpu", bootstrap=20)
     res = selfconsist.evaluate(vae, data=x, out=tmp_path / "api", config=cfg, name="mine")
-    assert "matplotlib is not installed" in capsys.readouterr().err
+    assert any(r.name == "selfconsist" and r.levelname == "WARNING"
+               and "matplotlib is not installed" in r.getMessage() for r in caplog.records)
     assert sorted(p.name for p in (tmp_path / "api").iterdir()) == ["metrics.json", "report.md"]
     assert "## Figures" not in res.report
     got = set(res.metrics["models"]["mine"])

@@ -42,7 +42,6 @@ import copy
 import json
 import math
 import re
-import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -54,6 +53,7 @@ from torch import Tensor, nn
 
 from ..errors import CheckpointError, SelfconsistError, UnsupportedModelError
 from ..io import META_PREFIX, read_safetensors_header, save_safetensors
+from ..runtime import log
 from . import ldm_keys
 from .base import DiagonalGaussian, Prior, VAEAdapter
 
@@ -793,8 +793,9 @@ def _size_or_recorded(opts: LoadOptions, meta: Mapping[str, str]) -> Any:
 
 
 def _note(message: str) -> None:
-    """One line on stderr (results go to stdout) for a guess the user may want to correct."""
-    print(f"note: {message}", file=sys.stderr, flush=True)
+    """A logged warning (stderr, not the results on stdout) for a guess the user may want to
+    correct: a warning, so that it shows under --quiet and without any logging set up."""
+    log.warning(f"note: {message}")
 
 
 def _override_stats(config: dict[str, Any], opts: LoadOptions) -> dict[str, Any]:

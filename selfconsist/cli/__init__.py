@@ -17,24 +17,15 @@ import sys
 import typer
 
 from ..errors import Interrupted, NonFiniteLossError, SelfconsistError
+from ._app import app
 
 # Flags of the root command that main() also accepts after the command name.
 GLOBAL_FLAGS = ("--debug", "--quiet", "-q", "--verbose", "-v")
 
-app = typer.Typer(
-    name="selfconsist",
-    help="Make a VAE's encoder consistent with its own decoder (AVAE self-consistency, post hoc). "
-    "Add --debug anywhere to see tracebacks.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
-
 
 def _print_version(value: bool) -> None:
     if value:
-        from .. import __version__
+        from .._version import __version__
 
         typer.echo(f"selfconsist {__version__}")
         raise typer.Exit()

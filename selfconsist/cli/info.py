@@ -9,7 +9,7 @@ from typing import Any
 import typer
 
 from ..loading import LoadOptions, load_model
-from . import app
+from ._app import app
 from .common import AdapterOpt, TrustOpt, echo_json, with_load_options
 
 

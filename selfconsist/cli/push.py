@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from . import app
+from ._app import app
 
 HELP = """Upload a tuned model, its evaluation and a model card to the Hugging Face Hub.
 

@@ -11,7 +11,7 @@ import typer
 from ..loading import LoadOptions, load_model
 from ..settings import Resolved
 from ..tune import TuneConfig, resolve_config
-from . import app
+from ._app import app
 from .common import AdapterOpt, TrustOpt, with_load_options
 from .options import with_config_options
 

@@ -8,16 +8,16 @@ from __future__ import annotations
 import fnmatch
 import json
 import shutil
-import sys
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
+from .._version import __version__
 from ..adapters.base import SourceInfo
 from ..errors import CheckpointError, SelfconsistError
+from ..runtime import log
 from .common import _hub_error, _network_error, scrub
 from .pull import FOLDER_MARKERS, check_repo_id, is_repo_ref, parse_repo_ref, read_front_matter, resolve
 
@@ -406,7 +406,8 @@ def _run_eval(base_model_arg: str, tuned_path: Path, out: Path, *, data: str | N
               options: Mapping[str, Any] | None, adapter: str | None, trust_remote_code: bool,
               revision: str | None, load_options: Mapping[str, Any] | None = None) -> Path | None:
     """Evaluate base vs tuned into ``out`` with :func:`selfconsist.evaluate.evaluate`
-    (``options`` are :class:`~selfconsist.evaluate.EvalConfig` fields); None when it wrote
+    (``options`` are :class:`~selfconsist.evaluate.EvalConfig` fields, a None one meaning
+    "not given", as for the eval CLI); None when it wrote
     no metrics.json (the card then shows the checkpoint's before/after numbers)."""
     from ..evaluate import EvalConfig, evaluate
     from ..loading import load_model
@@ -415,7 +416,7 @@ def _run_eval(base_model_arg: str, tuned_path: Path, out: Path, *, data: str | N
     opts = dict(load_options or {})
     base = load_model(base_model_arg, adapter, trust_remote_code, revision=revision, **opts)
     tuned = load_model(str(tuned_path), adapter, trust_remote_code, **opts)
-    print("evaluating base vs tuned for the model card …", file=sys.stderr)
-    evaluate(base, tuned, data=data, out=out, config=EvalConfig(**dict(options or {})),
+    log.info("evaluating base vs tuned for the model card …")
+    evaluate(base, tuned, data=data, out=out, config=EvalConfig.resolve(**dict(options or {})),
              name="base", compare_name="tuned", progress=False)
     return out if (out / "metrics.json").is_file() else None

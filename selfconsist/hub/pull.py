@@ -13,15 +13,15 @@ from __future__ import annotations
 import fnmatch
 import glob
 import re
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .. import __version__
+from .._version import __version__
 from ..adapters.base import SourceInfo
 from ..errors import CheckpointError, SelfconsistError
+from ..runtime import log
 from .common import _hub_error, _network_error
 
 SAFE_PATTERNS = ("*.json", "*.safetensors", "model.pt")
@@ -238,8 +238,8 @@ def _resolve(model: str, *, revision: str | None, trust_remote_code: bool,
     files = _list_remote(ref, revision, token)
     if files is not None:
         if not ref.subfolder and (sub := default_subfolder(files)):
-            print(f"{ref.repo_id} is a pipeline; using its autoencoder in {sub}/ "
-                  f"(name another part as {ref.repo_id}:SUBFOLDER)", file=sys.stderr)
+            log.warning(f"{ref.repo_id} is a pipeline; using its autoencoder in {sub}/ "
+                        f"(name another part as {ref.repo_id}:SUBFOLDER)")
             ref = RepoRef(ref.repo_id, sub)
         wanted = select_files(files, ref.subfolder, trust_remote_code)
         if not wanted:
@@ -271,7 +271,7 @@ def _resolve(model: str, *, revision: str | None, trust_remote_code: bool,
         cached = [p.relative_to(folder).as_posix() for p in folder.glob("*")] + \
                  [p.relative_to(folder).as_posix() for p in folder.glob("*/*")]
         if sub := default_subfolder(cached):
-            print(f"{ref.repo_id} is a pipeline; using its autoencoder in {sub}/", file=sys.stderr)
+            log.warning(f"{ref.repo_id} is a pipeline; using its autoencoder in {sub}/")
             ref = RepoRef(ref.repo_id, sub)
     path = _model_path(folder, ref, str(ref))
     front = read_front_matter(folder / "README.md") if (folder / "README.md").is_file() else {}
