@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..objective import reparameterize
+from .options import LoadOptions
 
 
 def randn(
@@ -92,11 +93,15 @@ class VAEAdapter(ABC):
     * :attr:`latent_shape`, :attr:`data_shape`, :attr:`data_range`.
 
     Loadable adapters also implement :meth:`sniff` and :meth:`load` so the registry
-    can find them from a checkpoint path.
+    can find them from a checkpoint path, and name the :class:`LoadOptions` fields their
+    ``load`` reads in :attr:`load_options`.
     """
 
     #: Registry name, e.g. ``"builtin"``.
     name: ClassVar[str] = ""
+    #: The :class:`LoadOptions` fields :meth:`load` reads (besides ``trust_remote_code``, which
+    #: every adapter takes). The registry refuses any other that is set, naming this adapter.
+    load_options: ClassVar[frozenset[str]] = frozenset()
     #: ``"gaussian"`` (with :attr:`obs_var`) or ``"bernoulli"``.
     likelihood: str = "gaussian"
     #: Observation variance v of the Gaussian likelihood.
@@ -117,8 +122,9 @@ class VAEAdapter(ABC):
         return False
 
     @classmethod
-    def load(cls, path: Path, **options: Any) -> VAEAdapter:
-        """Load the model at ``path``. Options come from the CLI (e.g. ``trust_remote_code``)."""
+    def load(cls, path: Path, options: LoadOptions | None = None) -> VAEAdapter:
+        """Load the model at ``path``. The registry calls ``load(path, options=LoadOptions(…))``
+        with only the fields in :attr:`load_options` (and ``trust_remote_code``) set."""
         raise NotImplementedError(f"adapter {cls.name!r} cannot load checkpoints from a path")
 
     # --- the model ---------------------------------------------------------------------------

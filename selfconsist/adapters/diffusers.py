@@ -28,8 +28,8 @@ Model: q(z|x) = N(mean, exp(logvar)) from ``latent_dist`` (diffusers clamps logv
 [−30, 20]); g(z) = ``decode(z).sample``; data in [−1, 1]; Gaussian likelihood with
 observation variance ``obs_var`` (default 0.1, see :data:`DEFAULT_OBS_VAR`).
 
-Load options (``selfconsist.adapters.load(path, **options)``):
-``image_size`` (int or "HxW"; default the config's ``sample_size`` capped to 256),
+Load options (:class:`~selfconsist.adapters.options.LoadOptions` fields, listed in
+:attr:`DiffusersVAE.load_options`): ``image_size`` (int or "HxW"; default the config's ``sample_size`` capped to 256),
 ``obs_var``, ``variant`` (e.g. "fp16"), ``gradient_checkpointing`` (None = on when the
 model is moved to CUDA; True/"all", "encoder", False), ``tiling``, ``slicing``,
 ``model_type`` (sd, sdxl, sd3, flux), ``scaling_factor``, ``shift_factor``, ``config``
@@ -242,6 +242,10 @@ class DiffusersVAE(VAEAdapter):
     tune_defaults: ClassVar[dict[str, Any]] = {
         "prior_refine": 2, "anchor": 1.0, "rho": 0.975, "lambda_rec": 5.0, "lr": 1e-4,
         "steps": 300, "batch_size": 8}
+    load_options = frozenset({
+        "image_size", "obs_var", "variant", "gradient_checkpointing", "tiling", "slicing",
+        "model_type", "scaling_factor", "shift_factor", "config", "norm_num_groups", "repo_id",
+        "revision"})
 
     def __init__(self, model: nn.Module, *, image_size: Any = None,
                  obs_var: float | None = None, where: str = "model") -> None:
@@ -272,13 +276,15 @@ class DiffusersVAE(VAEAdapter):
 
     # --- construction ------------------------------------------------------------------------
     @classmethod
-    def from_model(cls, model: nn.Module, **options: Any) -> DiffusersVAE:
+    def from_model(cls, model: nn.Module, options: LoadOptions | None = None,
+                   **kwargs: Any) -> DiffusersVAE:
         """Wrap an in-memory diffusers model (``save`` then writes a diffusers folder in fp32).
 
         The adapter holds an fp32 **copy**: tuning (which casts to fp32, freezes the decoder and
-        switches modes) never touches the caller's model, whatever its dtype.
+        switches modes) never touches the caller's model, whatever its dtype. ``options`` (or
+        keywords naming its fields) as for :meth:`load`.
         """
-        opts = LoadOptions.from_dict(options)
+        opts = LoadOptions.from_kwargs(kwargs, options)
         why = refusal(type(model).__name__)
         if why is not None:
             raise UnsupportedModelError(why)
@@ -307,9 +313,9 @@ class DiffusersVAE(VAEAdapter):
         return False
 
     @classmethod
-    def load(cls, path: Path, **options: Any) -> DiffusersVAE:
+    def load(cls, path: Path, options: LoadOptions | None = None) -> DiffusersVAE:
         path = Path(path)
-        opts = LoadOptions.from_dict(options)
+        opts = options or LoadOptions()
         if path.is_dir():
             vae = cls._load_folder(path, opts)
         elif path.is_file() and path.suffix == ".safetensors":

@@ -114,6 +114,6 @@ def eval_command(
                       compare_name=compare_name, overwrite=overwrite, progress=True,
                       adapter=adapter, compare_adapter=compare_adapter,
                       trust_remote_code=trust_remote_code,
-                      load_options=(load or LoadOptions()).adapter_options())
+                      load_options=(load or LoadOptions()).given())
     typer.echo(render_table(result.metrics))
     typer.echo(str(out / "report.md"))

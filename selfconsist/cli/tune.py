@@ -141,7 +141,7 @@ def tune(
         from ..errors import SelfconsistError
 
         raise SelfconsistError(f"{out} exists; pass --overwrite to replace it")
-    options = (load or LoadOptions()).adapter_options()
+    options = (load or LoadOptions()).given()
     vae = load_model(model, adapter, trust_remote_code, **options)
     cfg = TuneConfig.for_model(vae, **settings)  # the model family's defaults, then the options
     args = [a for a in sys.argv[1:] if a != "--debug"]
