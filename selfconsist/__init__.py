@@ -54,8 +54,8 @@ def load(model: Any, adapter: str | None = None, *, revision: str | None = None,
     (``revision`` picks a branch, tag or commit), a diffusers ``AutoencoderKL`` /
     ``AsymmetricAutoencoderKL``, a pythae model or an adapter. ``options`` are
     :class:`LoadOptions` fields (``image_size``, ``model_type``, ``scaling_factor``, ``config``,
-    …); one the model's adapter does not take is refused. An in-memory model is copied, never
-    changed."""
+    …); one the model's adapter does not take is refused, and so is a model whose weights hold
+    NaN or Inf. An in-memory model is copied, never changed."""
     return load_model(model, adapter, trust_remote_code, revision=revision, token=token, **options)
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import nn
 
-from .adapters import VAEAdapter, check_options
+from .adapters import VAEAdapter, check_finite_weights, check_options
 from .adapters import load as load_path
 from .adapters.options import LoadOptions
 from .errors import SelfconsistError
@@ -65,6 +65,7 @@ def as_adapter(model: Any, adapter: str | None = None, trust_remote_code: bool =
         raise SelfconsistError(
             f"cannot load a {type(model).__name__}: give a path, a Hub id owner/name, a diffusers "
             "AutoencoderKL/AsymmetricAutoencoderKL, a pythae model or a selfconsist VAEAdapter")
+    check_finite_weights(vae, f"the {type(model).__name__} given")
     return vae
 
 

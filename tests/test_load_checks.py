@@ -1,5 +1,5 @@
 """What every load checks, whatever the adapter: that each load option set applies to the
-adapter that loads the model. Tiny models are built in-process."""
+adapter that loads the model, and that the weights are finite. Tiny models are built in-process."""
 
 from __future__ import annotations
 
@@ -8,11 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import selfconsist
 from selfconsist.adapters import LoadOptions, available_adapters, get_adapter_class
 from selfconsist.errors import SelfconsistError
+from selfconsist.io import read_safetensors_header
 
+QUICK_TUNE = ["--steps", "2", "--batch-size", "2", "--eval-samples", "4", "--device", "cpu", "-q"]
 TINY_KL = dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
                up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=32,
                sample_size=32, latent_channels=4)
@@ -109,3 +112,56 @@ def test_one_load_options_class_one_name_per_knob():
     # only what is set travels; False is a setting too (--no-gradient-checkpointing)
     assert LoadOptions(tiling=True, gradient_checkpointing=False).given() == {
         "tiling": True, "gradient_checkpointing": False}
+
+
+# --- non-finite weights ---------------------------------------------------------------------
+
+def test_builtin_model_with_a_nan_weight_is_refused_by_tune(digits_model, tmp_path, capsys):
+    tensors = load_file(str(digits_model))
+    meta = read_safetensors_header(digits_model)["__metadata__"]
+    name = sorted(k for k in tensors if k.startswith("encoder.") and k.endswith(".weight"))[0]
+    tensors[name][0, 0] = float("nan")
+    bad = tmp_path / "nan.safetensors"
+    save_file(tensors, str(bad), metadata=meta)
+    out = tmp_path / "o.safetensors"
+    code, _, err = _cli(capsys, ["tune", str(bad), "-o", str(out), *QUICK_TUNE])
+    _one_error_line(code, err, f"tensor {name} holds 1 NaN values")
+    assert "--lr" not in err[0] and not out.exists()
+    with pytest.raises(SelfconsistError, match=f"tensor {name} holds 1 NaN"):
+        selfconsist.load(bad)
+
+
+@pytest.mark.diffusers
+def test_diffusers_models_with_a_non_finite_weight_are_refused(tmp_path, capsys):
+    from selfconsist.adapters.ldm_convert import ldm_state_dict
+
+    model = _tiny_kl()
+    with torch.no_grad():
+        model.encoder.conv_in.weight[0, 0, 0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "folder")
+    out = tmp_path / "o"
+    code, _, err = _cli(capsys, ["tune", str(tmp_path / "folder"), "-o", str(out), *QUICK_TUNE])
+    _one_error_line(code, err, "tensor encoder.conv_in.weight holds 1 NaN values")
+    assert not out.exists()
+    # a single LDM-layout file: the tensor is named by its key in the file
+    sd = ldm_state_dict(_tiny_kl().state_dict())
+    sd["encoder.down.0.block.0.conv1.weight"][0, 0, 0, 0] = float("inf")
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "vae.safetensors"))
+    code, _, err = _cli(capsys, ["info", str(tmp_path / "vae.safetensors"),
+                                 "--scaling-factor", "0.5"])  # (no note on a guessed factor)
+    _one_error_line(code, err, "tensor encoder.down.0.block.0.conv1.weight holds 1 Inf values")
+    # and an in-memory model
+    with pytest.raises(SelfconsistError, match="encoder.conv_in.weight holds 1 NaN"):
+        selfconsist.load(model)
+
+
+def test_custom_adapter_model_with_a_nan_weight_is_refused(tmp_path, capsys):
+    import sys
+
+    spec = f"{Path(__file__).resolve().parents[1]}/examples/custom_adapter.py:TinyVAEAdapter"
+    network = sys.modules[get_adapter_class(spec).__module__].TinyVAE  # the user's own model
+    state = {k: v.contiguous() for k, v in network().state_dict().items()}
+    state["dec.0.bias"][3] = float("-inf")
+    save_file(state, str(tmp_path / "tiny.safetensors"))
+    code, _, err = _cli(capsys, ["info", str(tmp_path / "tiny.safetensors"), "--adapter", spec])
+    _one_error_line(code, err, "tensor decoder.0.bias holds 1 Inf values")

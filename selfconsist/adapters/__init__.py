@@ -6,8 +6,9 @@ and says whether it loads it; :func:`load` asks each in order. Third-party
 adapters register with :func:`register_adapter` or are named on the command line
 as ``path/to/file.py:ClassName``.
 
-Every load passes through :func:`load`, which checks what no adapter has to: that each
-:class:`LoadOptions` field set applies to the chosen adapter (its ``load_options``).
+Every load passes through :func:`load`, which checks two things no adapter has to: that
+each :class:`LoadOptions` field set applies to the chosen adapter (its ``load_options``), and
+that the loaded weights are finite.
 
 Adapter modules for optional packages (diffusers, pythae) import those packages
 lazily, inside ``load``, so the registry itself stays cheap to import.
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError, SelfconsistError
-from .base import DiagonalGaussian, Prior, SourceInfo, VAEAdapter
+from .base import DiagonalGaussian, Prior, SourceInfo, VAEAdapter, check_finite_weights
 from .options import COMMON, LoadOptions, option_label
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "SourceInfo",
     "VAEAdapter",
     "available_adapters",
+    "check_finite_weights",
     "check_options",
     "get_adapter_class",
     "load",
@@ -141,7 +143,7 @@ def load(path: str | Path, adapter: str | None = None, options: LoadOptions | No
     ``adapter`` forces one (a registry name or ``file.py:Class``); otherwise the
     registry picks by inspecting the checkpoint. ``options`` (or keywords naming
     :class:`LoadOptions` fields, e.g. ``trust_remote_code=True``) go to the adapter's
-    ``load``; one it does not take is refused.
+    ``load``; one it does not take is refused, and so is a model with NaN or Inf weights.
     """
     path = Path(path)
     opts = LoadOptions.from_kwargs(kwargs, options)  # a bad value fails before anything is read
@@ -149,4 +151,6 @@ def load(path: str | Path, adapter: str | None = None, options: LoadOptions | No
         raise CheckpointError(f"{path}: no such file or folder")
     cls = get_adapter_class(adapter) if adapter else detect(path)
     check_options(cls, opts)
-    return cls.load(path, options=opts)
+    vae = cls.load(path, options=opts)
+    check_finite_weights(vae, path)
+    return vae

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..errors import CheckpointError
 from ..objective import reparameterize
 from .options import LoadOptions
 
@@ -236,6 +237,16 @@ class VAEAdapter(ABC):
             prefix = f"{i}."
             m.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
 
+    def checkpoint_tensors(self) -> Iterator[tuple[str, Tensor]]:
+        """Every encoder and decoder tensor (parameters and buffers), by the name the checkpoint
+        gives it, for messages that point into the file. The default names them
+        ``encoder.KEY`` / ``decoder.KEY`` (``encoder.I.KEY`` when there are several modules)."""
+        for role, mods in (("encoder", self.encoder_modules()), ("decoder", self.decoder_modules())):
+            for i, m in enumerate(mods):
+                prefix = role if len(mods) == 1 else f"{role}.{i}"
+                for k, t in m.state_dict().items():
+                    yield f"{prefix}.{k}", t
+
     def describe(self) -> dict[str, Any]:
         """Architecture summary for ``selfconsist info``."""
         return {}
@@ -245,3 +256,18 @@ class VAEAdapter(ABC):
         enc = sum(p.numel() for p in self.encoder_parameters())
         dec = sum(p.numel() for p in self.decoder_parameters())
         return enc, dec
+
+
+def check_finite_weights(vae: VAEAdapter, where: object) -> None:
+    """Refuse a model with a NaN or Inf weight, naming the tensor.
+
+    Every load passes through here: such a model measures NaN before tuning starts, and the
+    tuning loop's stop on a NaN loss would then blame the learning rate. One reduction per
+    tensor, so the check costs a fraction of reading the file.
+    """
+    for name, t in vae.checkpoint_tensors():
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+            what = " and ".join(f"{n} {kind}" for n, kind in ((nan, "NaN"), (inf, "Inf")) if n)
+            raise CheckpointError(f"{where}: tensor {name} holds {what} values; the checkpoint "
+                                  "is corrupt (re-download or re-export it)")

@@ -495,6 +495,13 @@ class DiffusersVAE(VAEAdapter):
             mods.append(self.model.post_quant_conv)
         return mods
 
+    def checkpoint_tensors(self) -> Iterator[tuple[str, Tensor]]:
+        """The model's tensors by their key in the file read (an LDM single file's keys differ
+        from the model's), or by model key for an in-memory model."""
+        file_key = {mk: fk for fk, mk in self._key_map.items()}
+        for k, t in self.model.state_dict().items():
+            yield file_key.get(k, k), t
+
     def priors(self) -> dict[str, Prior]:
         """``diffusion`` (default) and ``nominal``; see :func:`latent_statistics`."""
         dev = self.device
