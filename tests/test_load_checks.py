@@ -1,5 +1,6 @@
 """What every load checks, whatever the adapter: that each load option set applies to the
-adapter that loads the model, and that the weights are finite. Tiny models are built in-process."""
+adapter that loads the model, and that the weights are finite; and that model cards ask the
+adapter registry what a checkpoint is. Tiny models are built in-process."""
 
 from __future__ import annotations
 
@@ -165,3 +166,34 @@ def test_custom_adapter_model_with_a_nan_weight_is_refused(tmp_path, capsys):
     save_file(state, str(tmp_path / "tiny.safetensors"))
     code, _, err = _cli(capsys, ["info", str(tmp_path / "tiny.safetensors"), "--adapter", spec])
     _one_error_line(code, err, "tensor decoder.0.bias holds 1 Inf values")
+
+
+# --- model cards ask the registry -----------------------------------------------------------
+
+@pytest.mark.diffusers
+def test_a_single_file_ldm_vae_gets_the_latent_diffusion_card(tmp_path, digits_model):
+    from selfconsist import hub, modelcard
+    from selfconsist.adapters.ldm_convert import ldm_state_dict
+
+    model = _tiny_kl()
+    path = tmp_path / "sdxl_vae.tuned.safetensors"
+    save_file({k: v.contiguous() for k, v in ldm_state_dict(model.state_dict()).items()}, str(path))
+    assert modelcard.model_kind(path) == "ldm-single-file"
+    files = hub.plan_upload(hub.find_bundle(path), "me/vae")
+    card = files["README.md"].decode()
+    assert 'AutoencoderKL.from_single_file(hf_hub_download("me/vae", "sdxl_vae.tuned.safetensors"))' \
+        in card and "ComfyUI" in card
+    # the other kinds are unchanged
+    model.save_pretrained(tmp_path / "folder")
+    assert modelcard.model_kind(tmp_path / "folder") == "diffusers"
+    assert modelcard.model_kind(digits_model) == "builtin"
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    assert modelcard.model_kind(tmp_path / "plain.safetensors") == "safetensors"
+    (tmp_path / "junk").mkdir()
+    assert modelcard.model_kind(tmp_path / "junk") == "folder"
+
+
+def test_a_pythae_folder_gets_the_pythae_card(pythae_folder):
+    from selfconsist import modelcard
+
+    assert modelcard.model_kind(pythae_folder) == "pythae"

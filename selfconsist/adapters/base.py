@@ -123,6 +123,12 @@ class VAEAdapter(ABC):
         return False
 
     @classmethod
+    def format_of(cls, path: Path) -> str:
+        """The ``source.format`` a load of ``path`` would report, as cheaply as :meth:`sniff`
+        (model cards pick their loading instructions by it without loading the model)."""
+        return ""
+
+    @classmethod
     def load(cls, path: Path, options: LoadOptions | None = None) -> VAEAdapter:
         """Load the model at ``path``. The registry calls ``load(path, options=LoadOptions(…))``
         with only the fields in :attr:`load_options` (and ``trust_remote_code``) set."""

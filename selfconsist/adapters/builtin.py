@@ -55,6 +55,10 @@ class BuiltinVAE(VAEAdapter):
         return meta.get(META_PREFIX + "format") == FORMAT
 
     @classmethod
+    def format_of(cls, path: Path) -> str:
+        return FORMAT
+
+    @classmethod
     def load(cls, path: Path, options: LoadOptions | None = None) -> BuiltinVAE:
         """Load a built-in checkpoint; it takes no load options (its shapes are in the header)."""
         tensors, meta = load_safetensors(path)

@@ -313,6 +313,10 @@ class DiffusersVAE(VAEAdapter):
         return False
 
     @classmethod
+    def format_of(cls, path: Path) -> str:
+        return FORMAT_FOLDER if Path(path).is_dir() else FORMAT_SINGLE
+
+    @classmethod
     def load(cls, path: Path, options: LoadOptions | None = None) -> DiffusersVAE:
         path = Path(path)
         opts = options or LoadOptions()

@@ -316,6 +316,10 @@ class PythaeVAE(VAEAdapter):
         return name in SUPPORTED or name in UNSUPPORTED
 
     @classmethod
+    def format_of(cls, path: Path) -> str:
+        return FORMAT
+
+    @classmethod
     def load(cls, path: Path, options: LoadOptions | None = None) -> PythaeVAE:
         """Load a pythae folder. ``trust_remote_code=True`` allows unpickling custom networks;
         ``data_range=(lo, hi)`` overrides the (0, 1) default."""
