@@ -126,7 +126,7 @@ def test_builtin_model_with_a_nan_weight_is_refused_by_tune(digits_model, tmp_pa
     save_file(tensors, str(bad), metadata=meta)
     out = tmp_path / "o.safetensors"
     code, _, err = _cli(capsys, ["tune", str(bad), "-o", str(out), *QUICK_TUNE])
-    _one_error_line(code, err, f"tensor {name} holds 1 NaN values")
+    _one_error_line(code, err, f"tensor {name} holds 1 NaN value")
     assert "--lr" not in err[0] and not out.exists()
     with pytest.raises(SelfconsistError, match=f"tensor {name} holds 1 NaN"):
         selfconsist.load(bad)
@@ -142,7 +142,7 @@ def test_diffusers_models_with_a_non_finite_weight_are_refused(tmp_path, capsys)
     model.save_pretrained(tmp_path / "folder")
     out = tmp_path / "o"
     code, _, err = _cli(capsys, ["tune", str(tmp_path / "folder"), "-o", str(out), *QUICK_TUNE])
-    _one_error_line(code, err, "tensor encoder.conv_in.weight holds 1 NaN values")
+    _one_error_line(code, err, "tensor encoder.conv_in.weight holds 1 NaN value")
     assert not out.exists()
     # a single LDM-layout file: the tensor is named by its key in the file
     sd = ldm_state_dict(_tiny_kl().state_dict())
@@ -150,7 +150,7 @@ def test_diffusers_models_with_a_non_finite_weight_are_refused(tmp_path, capsys)
     save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "vae.safetensors"))
     code, _, err = _cli(capsys, ["info", str(tmp_path / "vae.safetensors"),
                                  "--scaling-factor", "0.5"])  # (no note on a guessed factor)
-    _one_error_line(code, err, "tensor encoder.down.0.block.0.conv1.weight holds 1 Inf values")
+    _one_error_line(code, err, "tensor encoder.down.0.block.0.conv1.weight holds 1 Inf value")
     # and an in-memory model
     with pytest.raises(SelfconsistError, match="encoder.conv_in.weight holds 1 NaN"):
         selfconsist.load(model)
@@ -165,7 +165,7 @@ def test_custom_adapter_model_with_a_nan_weight_is_refused(tmp_path, capsys):
     state["dec.0.bias"][3] = float("-inf")
     save_file(state, str(tmp_path / "tiny.safetensors"))
     code, _, err = _cli(capsys, ["info", str(tmp_path / "tiny.safetensors"), "--adapter", spec])
-    _one_error_line(code, err, "tensor decoder.0.bias holds 1 Inf values")
+    _one_error_line(code, err, "tensor decoder.0.bias holds 1 Inf value")
 
 
 # --- model cards ask the registry -----------------------------------------------------------

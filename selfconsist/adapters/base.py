@@ -275,5 +275,6 @@ def check_finite_weights(vae: VAEAdapter, where: object) -> None:
         if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
             nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
             what = " and ".join(f"{n} {kind}" for n, kind in ((nan, "NaN"), (inf, "Inf")) if n)
-            raise CheckpointError(f"{where}: tensor {name} holds {what} values; the checkpoint "
-                                  "is corrupt (re-download or re-export it)")
+            plural = "s" if nan + inf > 1 else ""
+            raise CheckpointError(f"{where}: tensor {name} holds {what} value{plural}; the "
+                                  "checkpoint is corrupt (re-download or re-export it)")
