@@ -55,7 +55,9 @@ class TinyVAEAdapter(VAEAdapter):
         self.model = model
 
     @classmethod
-    def load(cls, path: Path, **options) -> TinyVAEAdapter:
+    def load(cls, path: Path, options: object = None) -> TinyVAEAdapter:
+        # ``options`` is a selfconsist.adapters.LoadOptions; this adapter reads none of its
+        # fields (its ``load_options`` is empty), so the registry refuses any that is set.
         model = TinyVAE()
         model.load_state_dict(load_file(str(path)))  # safetensors: no code runs on load
         vae = cls(model)

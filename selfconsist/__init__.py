@@ -51,9 +51,10 @@ def load(model: Any, adapter: str | None = None, *, revision: str | None = None,
          trust_remote_code: bool = False, token: str | None = None, **options: Any) -> VAEAdapter:
     """Load a VAE as an adapter: a path, a Hub id ``owner/name[:subfolder or :file]``
     (``revision`` picks a branch, tag or commit), a diffusers ``AutoencoderKL`` /
-    ``AsymmetricAutoencoderKL``, a pythae model or an adapter. ``options`` are the adapter's
-    load options (``image_size``, ``model_type``, ``scaling_factor``, ``config``, …; see
-    :class:`LoadOptions`). An in-memory model is copied, never changed."""
+    ``AsymmetricAutoencoderKL``, a pythae model or an adapter. ``options`` are
+    :class:`LoadOptions` fields (``image_size``, ``model_type``, ``scaling_factor``, ``config``,
+    …); one the model's adapter does not take is refused, and so is a model whose weights hold
+    NaN or Inf. An in-memory model is copied, never changed."""
     return load_model(model, adapter, trust_remote_code, revision=revision, token=token, **options)
 
 

@@ -16,47 +16,18 @@ and the Hub push all load through :func:`load_model`, so they accept the same th
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from .adapters import VAEAdapter
+from .adapters import VAEAdapter, check_finite_weights, check_options
 from .adapters import load as load_path
+from .adapters.options import LoadOptions
 from .errors import SelfconsistError
 from .hub.pull import is_path_like
 
 __all__ = ["LoadOptions", "as_adapter", "is_path_like", "load_model", "native_like"]
-
-
-@dataclass
-class LoadOptions:
-    """The loading options every command offers (``tune``, ``eval``, ``info``).
-
-    ``image_size`` is N or "HxW"; ``config`` a diffusers config.json for a single file;
-    ``model_type`` one of sd, sdxl, sd3, flux (picks the latent statistics of a single file).
-    """
-
-    image_size: int | str | None = None
-    revision: str | None = None
-    variant: str | None = None
-    model_type: str | None = None
-    scaling_factor: float | None = None
-    shift_factor: float | None = None
-    config: str | Path | None = None
-    enable_tiling: bool = False
-    gradient_checkpointing: bool | None = None
-
-    def adapter_options(self) -> dict[str, Any]:
-        """Keyword options for :func:`load_model`: only what the user set (an adapter that
-        cannot use an option it is given says so, e.g. ``--image-size`` on a built-in model)."""
-        opts = {k: v for k, v in asdict(self).items() if v is not None and v is not False}
-        if opts.pop("enable_tiling", False):
-            opts["tiling"] = True  # the diffusers adapter's name for it
-        if "config" in opts:
-            opts["config"] = str(opts["config"])
-        return opts
 
 
 def _is_diffusers_model(obj: Any) -> bool:
@@ -78,28 +49,38 @@ def as_adapter(model: Any, adapter: str | None = None, trust_remote_code: bool =
         return model
     if isinstance(model, (str, Path)):
         return load_model(model, adapter, trust_remote_code, **options)
+    opts = LoadOptions.from_kwargs({**options, "trust_remote_code": trust_remote_code})
+    vae: VAEAdapter
     if isinstance(model, nn.Module) and _is_diffusers_model(model):
         from .adapters.diffusers import DiffusersVAE
 
-        return DiffusersVAE.from_model(model, **options)  # from_model copies
-    if isinstance(model, nn.Module) and _is_pythae_model(model):
+        check_options(DiffusersVAE, opts)
+        vae = DiffusersVAE.from_model(model, opts)  # from_model copies
+    elif isinstance(model, nn.Module) and _is_pythae_model(model):
         from .adapters.pythae import PythaeVAE
 
-        return PythaeVAE(copy.deepcopy(model), data_range=options.get("data_range") or (0.0, 1.0))
-    raise SelfconsistError(
-        f"cannot load a {type(model).__name__}: give a path, a Hub id owner/name, a diffusers "
-        "AutoencoderKL/AsymmetricAutoencoderKL, a pythae model or a selfconsist VAEAdapter")
+        check_options(PythaeVAE, opts)
+        vae = PythaeVAE(copy.deepcopy(model), data_range=opts.data_range or (0.0, 1.0))
+    else:
+        raise SelfconsistError(
+            f"cannot load a {type(model).__name__}: give a path, a Hub id owner/name, a diffusers "
+            "AutoencoderKL/AsymmetricAutoencoderKL, a pythae model or a selfconsist VAEAdapter")
+    check_finite_weights(vae, f"the {type(model).__name__} given")
+    return vae
 
 
 def load_model(model: Any, adapter: str | None = None, trust_remote_code: bool = False, *,
                revision: str | None = None, token: str | None = None, **options: Any) -> VAEAdapter:
     """Load ``model`` (see the module docstring) through the adapter registry.
 
-    ``adapter`` forces an adapter (a registry name or ``file.py:Class``); ``options`` go to
-    the adapter's ``load`` (e.g. ``image_size``, ``model_type``, ``scaling_factor``).
+    ``adapter`` forces an adapter (a registry name or ``file.py:Class``); ``options`` are
+    :class:`LoadOptions` fields (e.g. ``image_size``, ``model_type``, ``scaling_factor``) for
+    the adapter's ``load``, which refuses one that does not apply to it.
     """
     if not isinstance(model, (str, Path)):
         return as_adapter(model, adapter, trust_remote_code, **options)
+    # A bad option fails here, before a Hub download.
+    opts = LoadOptions.from_kwargs({**options, "trust_remote_code": trust_remote_code})
     from .hub.pull import attach_source, is_repo_ref, resolve_model
 
     text = str(model)
@@ -111,7 +92,7 @@ def load_model(model: Any, adapter: str | None = None, trust_remote_code: bool =
     elif revision is not None:
         raise SelfconsistError(f"--revision {revision!r} applies to a Hub repo id; {text} is a "
                                "local path")
-    vae = load_path(path, adapter=adapter, trust_remote_code=trust_remote_code, **options)
+    vae = load_path(path, adapter=adapter, options=opts)
     if from_hub:  # record repo id, commit and license for metadata and model cards
         attach_source(vae, path)
     return vae

@@ -110,7 +110,7 @@ def update_card(existing: str | None, section: str, front: dict[str, Any]) -> st
 class CardInfo:
     repo_id: str
     model_files: list[str] = field(default_factory=list)
-    model_kind: str = "builtin"  # builtin | diffusers | pythae | safetensors | folder
+    model_kind: str = "builtin"  # builtin | diffusers | ldm-single-file | pythae | safetensors | folder
     base_model: str | None = None
     base_revision: str | None = None
     license: str | None = None
@@ -126,15 +126,32 @@ class CardInfo:
     diffusers_class: str | None = None
 
 
-def model_kind(model: Path, meta: dict[str, str]) -> str:
-    """What kind of checkpoint ``model`` is, for the loading instructions."""
-    if model.is_file():
-        return "builtin" if meta.get("selfconsist.format") == "builtin" else "safetensors"
-    if (model / "model_config.json").is_file():
-        return "pythae"
-    if diffusers_class(model):
-        return "diffusers"
-    return "folder"
+#: The card kind of each (adapter name, ``source.format``) the registry reports; anything
+#: else gets the generic card of a file or folder.
+CARD_KINDS = {
+    ("builtin", "builtin"): "builtin",
+    ("pythae", "pythae"): "pythae",
+    ("diffusers", "diffusers-folder"): "diffusers",
+    ("diffusers", "single-file"): "ldm-single-file",
+}
+
+
+def model_kind(model: Path, meta: dict[str, str] | None = None) -> str:
+    """What kind of checkpoint ``model`` is, for the loading instructions.
+
+    Asked of the adapter registry (the adapter that would load it and the format it would
+    report), so the card and ``selfconsist.load`` never disagree on what a file is. ``meta``
+    is unused and kept for callers that pass the header they read.
+    """
+    from .adapters import detect
+    from .errors import SelfconsistError
+
+    try:
+        cls = detect(model)
+        kind = CARD_KINDS.get((cls.name, cls.format_of(model)))
+    except SelfconsistError:
+        kind = None
+    return kind or ("safetensors" if model.is_file() else "folder")
 
 
 def diffusers_class(model: Path) -> str | None:
@@ -293,6 +310,16 @@ def _load_snippet(info: CardInfo) -> str:
         return (f"```python\nfrom diffusers import {cls}\n\nvae = {cls}.from_pretrained(\"{rid}\")\n```\n\n"
                 "It is a drop-in replacement for the base model's autoencoder (same decoder, "
                 "same config).")
+    if info.model_kind == "ldm-single-file" and info.model_files:
+        fname = next((f for f in info.model_files if f.endswith(".safetensors")), info.model_files[0])
+        return ("```python\nfrom diffusers import AutoencoderKL\nfrom huggingface_hub import "
+                f"hf_hub_download\n\nvae = AutoencoderKL.from_single_file(hf_hub_download(\"{rid}\", "
+                f"\"{fname}\"))\n```\n\n"
+                "A single file in the layout of the file it was tuned from (same key names, "
+                "dtypes and decoder), so it replaces that file wherever it was used: ComfyUI and "
+                "A1111 load it from their VAE folder. For an SDXL, SD3 or FLUX VAE, give diffusers "
+                "the base pipeline's config (`config=\"<pipeline repo>\", subfolder=\"vae\"`) so "
+                "that the latent scaling factor is the right one.")
     if info.model_kind == "pythae":
         return (f"```python\nfrom pythae.models import AutoModel\n\n"
                 f"model = AutoModel.load_from_hf_hub(\"{rid}\")\n```\n\n"

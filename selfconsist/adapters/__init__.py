@@ -6,6 +6,10 @@ and says whether it loads it; :func:`load` asks each in order. Third-party
 adapters register with :func:`register_adapter` or are named on the command line
 as ``path/to/file.py:ClassName``.
 
+Every load passes through :func:`load`, which checks two things no adapter has to: that
+each :class:`LoadOptions` field set applies to the chosen adapter (its ``load_options``), and
+that the loaded weights are finite.
+
 Adapter modules for optional packages (diffusers, pythae) import those packages
 lazily, inside ``load``, so the registry itself stays cheap to import.
 """
@@ -14,20 +18,23 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import math
 import sys
 from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError, SelfconsistError
-from .base import DiagonalGaussian, Prior, SourceInfo, VAEAdapter
+from .base import DiagonalGaussian, Prior, SourceInfo, VAEAdapter, check_finite_weights
+from .options import COMMON, LoadOptions, option_label
 
 __all__ = [
     "DiagonalGaussian",
+    "LoadOptions",
     "Prior",
     "SourceInfo",
     "VAEAdapter",
     "available_adapters",
+    "check_finite_weights",
+    "check_options",
     "get_adapter_class",
     "load",
     "register_adapter",
@@ -118,19 +125,32 @@ def detect(path: Path) -> type[VAEAdapter]:
     )
 
 
-def load(path: str | Path, adapter: str | None = None, **options: Any) -> VAEAdapter:
+def check_options(cls: type[VAEAdapter], options: LoadOptions) -> None:
+    """Refuse, in one line, a set option that ``cls`` does not take, naming the adapters that do."""
+    for name in options.given():
+        if name in COMMON or name in cls.load_options:
+            continue
+        takers = [key for key, entry in _REGISTRY.items() if name in _resolve(entry).load_options]
+        raise SelfconsistError(
+            f"{option_label(name)} does not apply to {cls.name or cls.__name__} models "
+            f"(it applies to: {', '.join(takers) or 'no registered adapter'})")
+
+
+def load(path: str | Path, adapter: str | None = None, options: LoadOptions | None = None,
+         **kwargs: Any) -> VAEAdapter:
     """Load a VAE checkpoint and return its adapter.
 
     ``adapter`` forces one (a registry name or ``file.py:Class``); otherwise the
-    registry picks by inspecting the checkpoint. ``options`` go to the adapter's
-    ``load`` (e.g. ``trust_remote_code=True``).
+    registry picks by inspecting the checkpoint. ``options`` (or keywords naming
+    :class:`LoadOptions` fields, e.g. ``trust_remote_code=True``) go to the adapter's
+    ``load``; one it does not take is refused, and so is a model with NaN or Inf weights.
     """
     path = Path(path)
-    for name, value in options.items():  # e.g. --scaling-factor nan: refuse it before loading
-        values = value if isinstance(value, tuple) else (value,)
-        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
-            raise SelfconsistError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    opts = LoadOptions.from_kwargs(kwargs, options)  # a bad value fails before anything is read
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
     cls = get_adapter_class(adapter) if adapter else detect(path)
-    return cls.load(path, **options)
+    check_options(cls, opts)
+    vae = cls.load(path, options=opts)
+    check_finite_weights(vae, path)
+    return vae

@@ -20,7 +20,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..errors import CheckpointError
 from ..objective import reparameterize
+from .options import LoadOptions
 
 
 def randn(
@@ -92,11 +94,15 @@ class VAEAdapter(ABC):
     * :attr:`latent_shape`, :attr:`data_shape`, :attr:`data_range`.
 
     Loadable adapters also implement :meth:`sniff` and :meth:`load` so the registry
-    can find them from a checkpoint path.
+    can find them from a checkpoint path, and name the :class:`LoadOptions` fields their
+    ``load`` reads in :attr:`load_options`.
     """
 
     #: Registry name, e.g. ``"builtin"``.
     name: ClassVar[str] = ""
+    #: The :class:`LoadOptions` fields :meth:`load` reads (besides ``trust_remote_code``, which
+    #: every adapter takes). The registry refuses any other that is set, naming this adapter.
+    load_options: ClassVar[frozenset[str]] = frozenset()
     #: ``"gaussian"`` (with :attr:`obs_var`) or ``"bernoulli"``.
     likelihood: str = "gaussian"
     #: Observation variance v of the Gaussian likelihood.
@@ -117,8 +123,15 @@ class VAEAdapter(ABC):
         return False
 
     @classmethod
-    def load(cls, path: Path, **options: Any) -> VAEAdapter:
-        """Load the model at ``path``. Options come from the CLI (e.g. ``trust_remote_code``)."""
+    def format_of(cls, path: Path) -> str:
+        """The ``source.format`` a load of ``path`` would report, as cheaply as :meth:`sniff`
+        (model cards pick their loading instructions by it without loading the model)."""
+        return ""
+
+    @classmethod
+    def load(cls, path: Path, options: LoadOptions | None = None) -> VAEAdapter:
+        """Load the model at ``path``. The registry calls ``load(path, options=LoadOptions(…))``
+        with only the fields in :attr:`load_options` (and ``trust_remote_code``) set."""
         raise NotImplementedError(f"adapter {cls.name!r} cannot load checkpoints from a path")
 
     # --- the model ---------------------------------------------------------------------------
@@ -230,6 +243,16 @@ class VAEAdapter(ABC):
             prefix = f"{i}."
             m.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
 
+    def checkpoint_tensors(self) -> Iterator[tuple[str, Tensor]]:
+        """Every encoder and decoder tensor (parameters and buffers), by the name the checkpoint
+        gives it, for messages that point into the file. The default names them
+        ``encoder.KEY`` / ``decoder.KEY`` (``encoder.I.KEY`` when there are several modules)."""
+        for role, mods in (("encoder", self.encoder_modules()), ("decoder", self.decoder_modules())):
+            for i, m in enumerate(mods):
+                prefix = role if len(mods) == 1 else f"{role}.{i}"
+                for k, t in m.state_dict().items():
+                    yield f"{prefix}.{k}", t
+
     def describe(self) -> dict[str, Any]:
         """Architecture summary for ``selfconsist info``."""
         return {}
@@ -239,3 +262,19 @@ class VAEAdapter(ABC):
         enc = sum(p.numel() for p in self.encoder_parameters())
         dec = sum(p.numel() for p in self.decoder_parameters())
         return enc, dec
+
+
+def check_finite_weights(vae: VAEAdapter, where: object) -> None:
+    """Refuse a model with a NaN or Inf weight, naming the tensor.
+
+    Every load passes through here: such a model measures NaN before tuning starts, and the
+    tuning loop's stop on a NaN loss would then blame the learning rate. One reduction per
+    tensor, so the check costs a fraction of reading the file.
+    """
+    for name, t in vae.checkpoint_tensors():
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+            what = " and ".join(f"{n} {kind}" for n, kind in ((nan, "NaN"), (inf, "Inf")) if n)
+            plural = "s" if nan + inf > 1 else ""
+            raise CheckpointError(f"{where}: tensor {name} holds {what} value{plural}; the "
+                                  "checkpoint is corrupt (re-download or re-export it)")

@@ -20,6 +20,7 @@ from ..errors import CheckpointError, SelfconsistError
 from ..io import META_PREFIX, load_safetensors, read_safetensors_header, save_safetensors
 from ..models import ModelConfig, build
 from .base import DiagonalGaussian, VAEAdapter
+from .options import LoadOptions
 
 FORMAT = "builtin"
 
@@ -54,10 +55,12 @@ class BuiltinVAE(VAEAdapter):
         return meta.get(META_PREFIX + "format") == FORMAT
 
     @classmethod
-    def load(cls, path: Path, **options: Any) -> BuiltinVAE:
-        if options.get("image_size") is not None:
-            raise SelfconsistError("--image-size applies to models with convolutional latents "
-                                   "(diffusers); a built-in model has a fixed data shape")
+    def format_of(cls, path: Path) -> str:
+        return FORMAT
+
+    @classmethod
+    def load(cls, path: Path, options: LoadOptions | None = None) -> BuiltinVAE:
+        """Load a built-in checkpoint; it takes no load options (its shapes are in the header)."""
         tensors, meta = load_safetensors(path)
         if meta.get(META_PREFIX + "format") != FORMAT or META_PREFIX + "config" not in meta:
             raise CheckpointError(

@@ -1,4 +1,9 @@
-"""Adapter for the VAEs of latent-diffusion models, through the ``diffusers`` library.
+"""The diffusers adapter: building the model, its priors, and writing it back byte for byte.
+
+Adapter for the VAEs of latent-diffusion models, through the ``diffusers`` library. Finding
+and reading the files is :mod:`~selfconsist.adapters.diffusers_files`' job, a single file's
+config :mod:`~selfconsist.adapters.diffusers_config`'s, and every key rename and reshape
+between the LDM and diffusers layouts :mod:`~selfconsist.adapters.ldm_convert`'s.
 
 Three input forms, each written back in the same form:
 
@@ -11,7 +16,7 @@ Three input forms, each written back in the same form:
    ``ae.safetensors``, or a full SD checkpoint whose VAE sits under ``first_stage_model.``.
    The architecture is inferred from the tensor shapes (no network, no diffusers config
    download); the latent statistics come from the published VAE the architecture and the
-   file name point to (:data:`~selfconsist.adapters.ldm_keys.KNOWN_VAES`), or from the
+   file name point to (:data:`~selfconsist.adapters.diffusers_config.KNOWN_VAES`), or from the
    ``model_type`` / ``scaling_factor`` / ``shift_factor`` / ``config`` load options. Output:
    one ``.safetensors`` with the input's key names, dtypes, extra keys and header metadata.
 3. **a Hub repo id**: resolved to a local folder by :mod:`selfconsist.hub`; loaded as (1).
@@ -23,8 +28,8 @@ Model: q(z|x) = N(mean, exp(logvar)) from ``latent_dist`` (diffusers clamps logv
 [−30, 20]); g(z) = ``decode(z).sample``; data in [−1, 1]; Gaussian likelihood with
 observation variance ``obs_var`` (default 0.1, see :data:`DEFAULT_OBS_VAR`).
 
-Load options (``selfconsist.adapters.load(path, **options)``):
-``image_size`` (int or "HxW"; default the config's ``sample_size`` capped to 256),
+Load options (:class:`~selfconsist.adapters.options.LoadOptions` fields, listed in
+:attr:`DiffusersVAE.load_options`): ``image_size`` (int or "HxW"; default the config's ``sample_size`` capped to 256),
 ``obs_var``, ``variant`` (e.g. "fp16"), ``gradient_checkpointing`` (None = on when the
 model is moved to CUDA; True/"all", "encoder", False), ``tiling``, ``slicing``,
 ``model_type`` (sd, sdxl, sd3, flux), ``scaling_factor``, ``shift_factor``, ``config``
@@ -44,7 +49,6 @@ import math
 import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -53,9 +57,19 @@ from torch import Tensor, nn
 
 from ..errors import CheckpointError, SelfconsistError, UnsupportedModelError
 from ..io import META_PREFIX, read_safetensors_header, save_safetensors
-from ..runtime import log
-from . import ldm_keys
+from . import ldm_convert
 from .base import DiagonalGaussian, Prior, VAEAdapter
+from .diffusers_config import MAX_DEFAULT_IMAGE_SIZE, override_stats, refusal, single_file_config
+from .diffusers_files import (
+    WEIGHTS_NAME,
+    dtype_name,
+    file_stat,
+    hub_origin,
+    read_tensors,
+    vae_folder,
+    weight_files,
+)
+from .options import LoadOptions
 
 #: Observation variance v of the Gaussian likelihood, in the [−1, 1] data units of these
 #: models. The published VAEs reconstruct with a mean squared error of roughly 0.005–0.02 per
@@ -65,171 +79,8 @@ from .base import DiagonalGaussian, Prior, VAEAdapter
 #: 4 channels, each contributing ~err²/(2v) ≈ 0.05 nats), so neither swamps the other.
 #: Override with ``obs_var=`` at load time or ``--obs-var`` in ``selfconsist tune``.
 DEFAULT_OBS_VAR = 0.1
-#: Largest default tuning image side: the config's sample_size (often 512–1024) capped here so
-#: tuning fits a small GPU. Latents are fully convolutional, so what the encoder learns at
-#: 256×256 carries over to larger images.
-MAX_DEFAULT_IMAGE_SIZE = 256
-WEIGHTS_NAME = "diffusion_pytorch_model"
 FORMAT_FOLDER = "diffusers-folder"
 FORMAT_SINGLE = "single-file"
-
-SUPPORTED = ("AutoencoderKL", "AsymmetricAutoencoderKL")
-_SUPPORTED_TEXT = ("AutoencoderKL and AsymmetricAutoencoderKL (the image VAEs of SD 1.x/2.x, "
-                   "SDXL, SD3 and FLUX.1)")
-# Autoencoders whose encoder returns a point, not a distribution.
-DETERMINISTIC = ("AutoencoderTiny", "AutoencoderDC", "VQModel", "AutoencoderRAE")
-# Video and audio VAEs, and image VAEs with other architectures: diagonal-Gaussian encoders,
-# but other shapes (frames, waveforms), decode signatures and latent statistics.
-OTHER_KL = (
-    "AutoencoderKLTemporalDecoder", "AutoencoderKLCogVideoX", "AutoencoderKLMochi",
-    "AutoencoderKLLTXVideo", "AutoencoderKLLTX2Video", "AutoencoderKLLTX2Audio",
-    "AutoencoderKLHunyuanVideo", "AutoencoderKLHunyuanVideo15", "AutoencoderKLWan",
-    "AutoencoderKLAllegro", "AutoencoderKLCosmos", "AutoencoderKLMagvit", "AutoencoderOobleck",
-    "AutoencoderKLQwenImage", "AutoencoderKLFlux2", "AutoencoderKLHunyuanImage",
-    "AutoencoderKLHunyuanImageRefiner", "ConsistencyDecoderVAE",
-)
-
-
-def refusal(class_name: str | None) -> str | None:
-    """Why selfconsist cannot tune a diffusers model class (None when it can)."""
-    if class_name in SUPPORTED:
-        return None
-    if class_name in DETERMINISTIC:
-        return (f"{class_name} is a deterministic autoencoder: its encoder returns a single "
-                "latent, not a posterior q(z|x), so there is no posterior to make self-consistent; "
-                f"selfconsist supports {_SUPPORTED_TEXT}")
-    if class_name in OTHER_KL or (class_name or "").startswith("AutoencoderKL"):
-        return (f"{class_name} is not supported (video, audio and other-architecture VAEs are "
-                f"not wired up yet); selfconsist's diffusers adapter supports {_SUPPORTED_TEXT}")
-    return (f"{class_name or 'this model'} is not a VAE selfconsist can tune; point at the VAE "
-            f"(a pipeline's vae/ folder); supported classes: {_SUPPORTED_TEXT}")
-
-
-@dataclass
-class LoadOptions:
-    """Options of :meth:`DiffusersVAE.load` (see the module docstring)."""
-
-    image_size: int | str | tuple[int, int] | list[int] | None = None
-    obs_var: float | None = None
-    variant: str | None = None
-    gradient_checkpointing: bool | str | None = None
-    tiling: bool = False
-    slicing: bool = False
-    model_type: str | None = None
-    scaling_factor: float | None = None
-    shift_factor: float | None = None
-    config: str | Path | dict[str, Any] | None = None
-    norm_num_groups: int = 32
-    repo_id: str | None = None
-    revision: str | None = None
-    trust_remote_code: bool = False
-
-    @classmethod
-    def from_dict(cls, options: Mapping[str, Any]) -> LoadOptions:
-        # Options meant for other adapters or commands are ignored, not refused.
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in options.items() if k in names and v is not None})
-
-
-# ---------------------------------------------------------------------------------------------
-# Looking at checkpoints without diffusers
-# ---------------------------------------------------------------------------------------------
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def vae_folder(path: Path) -> Path | None:
-    """The folder holding the VAE's ``config.json``: ``path`` itself for a model folder, its
-    ``vae/`` for a pipeline folder (``model_index.json``); None if neither."""
-    if not path.is_dir():
-        return None
-    cfg = _read_json(path / "config.json")
-    if cfg is not None and "_class_name" in cfg:
-        return path
-    if (path / "model_index.json").is_file():
-        vae = path / "vae"
-        cfg = _read_json(vae / "config.json")
-        if cfg is not None and "_class_name" in cfg:
-            return vae
-    return None
-
-
-def _hub_origin(path: Path) -> tuple[str | None, str | None]:
-    """(repo_id, revision) for a path inside a Hugging Face cache snapshot
-    (``…/models--ORG--NAME/snapshots/REV/…``), else (None, None)."""
-    parts = path.absolute().parts
-    for i, part in enumerate(parts[:-2]):
-        if part.startswith("models--") and parts[i + 1] == "snapshots":
-            return part[len("models--"):].replace("--", "/", 1), parts[i + 2]
-    return None, None
-
-
-@dataclass
-class _WeightFiles:
-    files: list[Path]
-    variant: str | None
-    pickled: bool = False
-
-
-def _weight_files(folder: Path, variant: str | None, trust_remote_code: bool) -> _WeightFiles:
-    """The weight files of a diffusers model folder.
-
-    Picks, in order: the requested variant; plain ``diffusion_pytorch_model.safetensors``
-    (or its sharded index); the only (or alphabetically first) variant present.
-    """
-    def found(v: str | None) -> list[Path] | None:
-        dot = f".{v}" if v else ""
-        single = folder / f"{WEIGHTS_NAME}{dot}.safetensors"
-        if single.is_file():
-            return [single]
-        index = folder / f"{WEIGHTS_NAME}.safetensors.index{dot}.json"
-        if index.is_file():
-            data = _read_json(index)
-            if data is None or not isinstance(data.get("weight_map"), dict):
-                raise CheckpointError(f"{index}: corrupt shard index")
-            shards = sorted(set(data["weight_map"].values()))
-            missing = [s for s in shards if not (folder / s).is_file()]
-            if missing:
-                raise CheckpointError(f"{folder}: shard {missing[0]} named in {index.name} is missing")
-            return [folder / s for s in shards]
-        return None
-
-    if variant is not None:
-        files = found(variant)
-        if files is None:
-            raise CheckpointError(f"{folder}: no weights for variant {variant!r} "
-                                  f"({WEIGHTS_NAME}.{variant}.safetensors)")
-        return _WeightFiles(files, variant)
-    files = found(None)
-    if files is not None:
-        return _WeightFiles(files, None)
-    variants = sorted({m.group(1) for p in folder.iterdir()
-                       if (m := re.fullmatch(re.escape(WEIGHTS_NAME) +
-                                             r"\.([A-Za-z0-9_]+)(-\d+-of-\d+)?\.safetensors", p.name))
-                       } | {m.group(1) for p in folder.iterdir()
-                            if (m := re.fullmatch(re.escape(WEIGHTS_NAME) +
-                                                  r"\.safetensors\.index\.([A-Za-z0-9_]+)\.json", p.name))})
-    for v in variants:
-        files = found(v)
-        if files is not None:
-            return _WeightFiles(files, v)
-    bins = sorted(folder.glob(f"{WEIGHTS_NAME}*.bin"))
-    if bins:
-        if not trust_remote_code:
-            raise CheckpointError(
-                f"{folder}: only pickled weights ({bins[0].name}); convert them to safetensors, "
-                "or pass --trust-remote-code to read them (torch.load with weights_only=True)")
-        m = re.fullmatch(re.escape(WEIGHTS_NAME) + r"(?:\.([A-Za-z0-9_]+))?\.bin", bins[0].name)
-        return _WeightFiles([bins[0]], m.group(1) if m else None, pickled=True)
-    raise CheckpointError(f"{folder}: no {WEIGHTS_NAME}.safetensors (nor a sharded or variant "
-                          "version) next to config.json")
-
 
 # ---------------------------------------------------------------------------------------------
 # Building the diffusers model
@@ -286,13 +137,11 @@ def build_model(config: Mapping[str, Any], tensors: Mapping[str, Tensor] | None 
         if k not in expected:
             raise CheckpointError(f"{where}: tensor {k} does not belong to the {name} its config "
                                   "describes; is the config the one for these weights?")
-        want = expected[k].shape
-        if t.shape != want:
-            if t.numel() != math.prod(want):  # 1×1-conv vs linear attention weights differ only so
-                raise CheckpointError(f"{where}: tensor {k} has shape {tuple(t.shape)}, the config "
-                                      f"needs {tuple(want)}")
-            t = t.reshape(want)
-        state[k] = t.float() if t.is_floating_point() else t
+        fitted = ldm_convert.to_model_shape(t, expected[k].shape)
+        if fitted is None:
+            raise CheckpointError(f"{where}: tensor {k} has shape {tuple(t.shape)}, the config "
+                                  f"needs {tuple(expected[k].shape)}")
+        state[k] = fitted.float() if fitted.is_floating_point() else fitted
     missing = sorted(set(expected) - set(state))
     if missing:
         raise CheckpointError(f"{where}: {len(missing)} tensors the config needs are missing "
@@ -393,6 +242,10 @@ class DiffusersVAE(VAEAdapter):
     tune_defaults: ClassVar[dict[str, Any]] = {
         "prior_refine": 2, "anchor": 1.0, "rho": 0.975, "lambda_rec": 5.0, "lr": 1e-4,
         "steps": 300, "batch_size": 8}
+    load_options = frozenset({
+        "image_size", "obs_var", "variant", "gradient_checkpointing", "tiling", "slicing",
+        "model_type", "scaling_factor", "shift_factor", "config", "norm_num_groups", "repo_id",
+        "revision"})
 
     def __init__(self, model: nn.Module, *, image_size: Any = None,
                  obs_var: float | None = None, where: str = "model") -> None:
@@ -423,18 +276,20 @@ class DiffusersVAE(VAEAdapter):
 
     # --- construction ------------------------------------------------------------------------
     @classmethod
-    def from_model(cls, model: nn.Module, **options: Any) -> DiffusersVAE:
+    def from_model(cls, model: nn.Module, options: LoadOptions | None = None,
+                   **kwargs: Any) -> DiffusersVAE:
         """Wrap an in-memory diffusers model (``save`` then writes a diffusers folder in fp32).
 
         The adapter holds an fp32 **copy**: tuning (which casts to fp32, freezes the decoder and
-        switches modes) never touches the caller's model, whatever its dtype.
+        switches modes) never touches the caller's model, whatever its dtype. ``options`` (or
+        keywords naming its fields) as for :meth:`load`.
         """
-        opts = LoadOptions.from_dict(options)
+        opts = LoadOptions.from_kwargs(kwargs, options)
         why = refusal(type(model).__name__)
         if why is not None:
             raise UnsupportedModelError(why)
         model = copy.deepcopy(model).float()
-        overrides = {k: v for k, v in _override_stats(dict(model.config), opts).items()
+        overrides = {k: v for k, v in override_stats(dict(model.config), opts).items()
                      if k in ("scaling_factor", "shift_factor") and v != model.config.get(k)}
         if overrides:  # on the copy only
             model.register_to_config(**overrides)
@@ -454,13 +309,17 @@ class DiffusersVAE(VAEAdapter):
                 header = read_safetensors_header(path)
             except CheckpointError:
                 return False
-            return ldm_keys.detect_layout(k for k in header if k != "__metadata__") is not None
+            return ldm_convert.detect_layout(k for k in header if k != "__metadata__") is not None
         return False
 
     @classmethod
-    def load(cls, path: Path, **options: Any) -> DiffusersVAE:
+    def format_of(cls, path: Path) -> str:
+        return FORMAT_FOLDER if Path(path).is_dir() else FORMAT_SINGLE
+
+    @classmethod
+    def load(cls, path: Path, options: LoadOptions | None = None) -> DiffusersVAE:
         path = Path(path)
-        opts = LoadOptions.from_dict(options)
+        opts = options or LoadOptions()
         if path.is_dir():
             vae = cls._load_folder(path, opts)
         elif path.is_file() and path.suffix == ".safetensors":
@@ -468,7 +327,7 @@ class DiffusersVAE(VAEAdapter):
         else:
             raise CheckpointError(f"{path}: expected a diffusers model folder, a pipeline folder "
                                   "or a .safetensors VAE file")
-        repo_id, revision = _hub_origin(path)
+        repo_id, revision = hub_origin(path)
         vae.source.repo_id = opts.repo_id or repo_id
         vae.source.revision = opts.revision or revision
         vae._apply_options(opts)
@@ -488,10 +347,10 @@ class DiffusersVAE(VAEAdapter):
         why = refusal(config.get("_class_name"))
         if why is not None:
             raise UnsupportedModelError(f"{folder}: {why}")
-        wf = _weight_files(folder, opts.variant, opts.trust_remote_code)
-        tensors, meta = _read_tensors(wf.files, pickled=wf.pickled)
-        key_map = ldm_keys.file_to_model_keys(list(tensors), "diffusers", "")
-        config = _override_stats(config, opts)
+        wf = weight_files(folder, opts.variant, opts.trust_remote_code)
+        tensors, meta = read_tensors(wf.files, pickled=wf.pickled)
+        key_map = ldm_convert.file_to_model_keys(list(tensors), "diffusers", "")
+        config = override_stats(config, opts)
         model = build_model(config, {key_map[k]: t for k, t in tensors.items() if k in key_map},
                             where=str(folder))
         vae = cls(model, image_size=_size_or_recorded(opts, meta), obs_var=opts.obs_var,
@@ -509,7 +368,7 @@ class DiffusersVAE(VAEAdapter):
         vae.source.extra.update({"class": vae.class_name, "variant": wf.variant,
                                  "subfolder": "vae" if folder != path else None,
                                  "pipeline": str(path) if folder != path else None,
-                                 "dtype": _dtype_name(tensors)})
+                                 "dtype": dtype_name(tensors)})
         return vae
 
     @classmethod
@@ -517,15 +376,15 @@ class DiffusersVAE(VAEAdapter):
         header = read_safetensors_header(path)
         meta = dict(header.get("__metadata__") or {})
         keys = [k for k in header if k != "__metadata__"]
-        found = ldm_keys.detect_layout(keys)
+        found = ldm_convert.detect_layout(keys)
         if found is None:
             raise CheckpointError(f"{path}: no Stable-Diffusion-style VAE tensors (encoder.conv_in, "
                                   "encoder.down…) in this file")
         layout, prefix = found
-        key_map = ldm_keys.file_to_model_keys(keys, layout, prefix)
-        config, source = _single_file_config(path, header, layout, prefix, meta, opts)
-        config = _override_stats(config, opts)
-        tensors, _ = _read_tensors([path], only=set(key_map))
+        key_map = ldm_convert.file_to_model_keys(keys, layout, prefix)
+        config, source = single_file_config(path, header, layout, prefix, meta, opts)
+        config = override_stats(config, opts)
+        tensors, _ = read_tensors([path], only=set(key_map))
         model = build_model(config, {key_map[k]: t for k, t in tensors.items()}, where=str(path))
         vae = cls(model, image_size=_size_or_recorded(opts, meta), obs_var=opts.obs_var,
                   where=str(path))
@@ -535,12 +394,12 @@ class DiffusersVAE(VAEAdapter):
         vae.source.path = path
         vae.source.format = FORMAT_SINGLE
         vae.source.extra.update({"class": vae.class_name, "layout": layout, "prefix": prefix,
-                                 "dtype": _dtype_name(tensors), "config_source": source})
+                                 "dtype": dtype_name(tensors), "config_source": source})
         return vae
 
     def _remember_files(self, files: list[Path], key_map: dict[str, str], pickled: bool = False) -> None:
         self._files = list(files)
-        self._file_stats = [_stat(f) for f in files]
+        self._file_stats = [file_stat(f) for f in files]
         self._key_map = dict(key_map)
         self._pickled = pickled
 
@@ -640,6 +499,13 @@ class DiffusersVAE(VAEAdapter):
             mods.append(self.model.post_quant_conv)
         return mods
 
+    def checkpoint_tensors(self) -> Iterator[tuple[str, Tensor]]:
+        """The model's tensors by their key in the file read (an LDM single file's keys differ
+        from the model's), or by model key for an in-memory model."""
+        file_key = {mk: fk for fk, mk in self._key_map.items()}
+        for k, t in self.model.state_dict().items():
+            yield file_key.get(k, k), t
+
     def priors(self) -> dict[str, Prior]:
         """``diffusion`` (default) and ``nominal``; see :func:`latent_statistics`."""
         dev = self.device
@@ -670,17 +536,17 @@ class DiffusersVAE(VAEAdapter):
         if not self._files:  # an in-memory model: plain diffusers keys
             return {k: v.detach().to("cpu") for k, v in state.items()}
         for f, st in zip(self._files, self._file_stats, strict=True):
-            if not f.is_file() or _stat(f) != st:
+            if not f.is_file() or file_stat(f) != st:
                 raise SelfconsistError(f"{f} changed or vanished since it was loaded; load the "
                                        "model again before saving")
         enc = self._encoder_model_keys()
-        original, _ = _read_tensors(self._files, pickled=self._pickled)
+        original, _ = read_tensors(self._files, pickled=self._pickled)
         out: dict[str, Tensor] = {}
         written: set[str] = set()
         for k, t in original.items():
             mk = self._key_map.get(k)
             if mk in enc:
-                out[k] = state[mk].detach().to("cpu").reshape(t.shape).to(t.dtype)
+                out[k] = ldm_convert.to_file_layout(state[mk].detach().to("cpu"), t)
                 written.add(mk)
             else:
                 out[k] = t
@@ -741,44 +607,6 @@ class DiffusersVAE(VAEAdapter):
 # ---------------------------------------------------------------------------------------------
 
 
-def _stat(path: Path) -> tuple[int, int]:
-    st = path.stat()
-    return (st.st_size, st.st_mtime_ns)
-
-
-def _dtype_name(tensors: Mapping[str, Tensor]) -> str:
-    names = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()
-                    if t.is_floating_point()})
-    return "/".join(names) or "none"
-
-
-def _read_tensors(files: list[Path], only: set[str] | None = None,
-                  pickled: bool = False) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Tensors (all, or the keys in ``only``) and the first file's header metadata."""
-    if pickled:
-        try:
-            sd = torch.load(files[0], map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any failure means a bad file
-            raise CheckpointError(f"{files[0]}: cannot read ({e})") from None
-        return {k: v for k, v in sd.items() if only is None or k in only}, {}
-    from safetensors import safe_open
-
-    tensors: dict[str, Tensor] = {}
-    meta: dict[str, str] = {}
-    for i, f in enumerate(files):
-        header = read_safetensors_header(f)
-        if i == 0:
-            meta = dict(header.get("__metadata__") or {})
-        try:
-            with safe_open(str(f), framework="pt") as fh:
-                for k in fh.keys():
-                    if only is None or k in only:
-                        tensors[k] = fh.get_tensor(k)
-        except Exception as e:  # noqa: BLE001 - safetensors' error class differs across versions
-            raise CheckpointError(f"{f}: cannot read safetensors file ({e})") from None
-    return tensors, meta
-
-
 def _size_or_recorded(opts: LoadOptions, meta: Mapping[str, str]) -> Any:
     """The ``image_size`` option, else the size an earlier selfconsist run recorded (None: the
     config's default)."""
@@ -790,80 +618,3 @@ def _size_or_recorded(opts: LoadOptions, meta: Mapping[str, str]) -> Any:
         return None
     ok = isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) for v in size)
     return size if ok else None
-
-
-def _note(message: str) -> None:
-    """A logged warning (stderr, not the results on stdout) for a guess the user may want to
-    correct: a warning, so that it shows under --quiet and without any logging set up."""
-    log.warning(f"note: {message}")
-
-
-def _override_stats(config: dict[str, Any], opts: LoadOptions) -> dict[str, Any]:
-    config = dict(config)
-    if opts.scaling_factor is not None:
-        if opts.scaling_factor <= 0:
-            raise SelfconsistError("scaling_factor must be positive")
-        config["scaling_factor"] = float(opts.scaling_factor)
-    if opts.shift_factor is not None:
-        config["shift_factor"] = float(opts.shift_factor)
-    return config
-
-
-def _single_file_config(path: Path, header: Mapping[str, Any], layout: str, prefix: str,
-                        meta: Mapping[str, str], opts: LoadOptions) -> tuple[dict[str, Any], str]:
-    """The model config of a single-file checkpoint and where it came from.
-
-    In order: the ``config`` option; a config recorded by an earlier selfconsist run; a
-    ``config.json`` beside a diffusers-layout file; the ``model_type`` option; inference from
-    the tensor shapes plus the statistics of the matching published VAE.
-    """
-    if opts.config is not None:
-        if isinstance(opts.config, dict):
-            return dict(opts.config), "config option"
-        cfg = _read_json(Path(opts.config))
-        if cfg is None:
-            raise SelfconsistError(f"config {opts.config}: not a readable JSON object")
-        return cfg, f"config option ({opts.config})"
-    recorded = meta.get(META_PREFIX + "diffusers_config")
-    if recorded:
-        try:
-            return json.loads(recorded), "recorded by selfconsist"
-        except json.JSONDecodeError:
-            pass
-    if layout == "diffusers":
-        cfg = _read_json(path.parent / "config.json")
-        if cfg is not None and cfg.get("_class_name") in SUPPORTED:
-            return cfg, "config.json beside the file"
-    shapes = {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
-    try:
-        cfg = ldm_keys.infer_config(shapes, layout, prefix, opts.norm_num_groups)
-    except ValueError as e:
-        raise CheckpointError(f"{path}: cannot infer the VAE architecture from its tensors ({e}); "
-                              "pass a diffusers config.json as the config option") from None
-    if opts.model_type is not None:
-        try:
-            known = ldm_keys.known_vae(opts.model_type)
-        except KeyError:
-            names = [k.name for k in ldm_keys.KNOWN_VAES]
-            raise SelfconsistError(f"model_type {opts.model_type!r}: choose one of {names}") from None
-        how = "model_type option"
-    else:
-        known, how = ldm_keys.match_known(cfg, path.name)
-    if known is None:
-        cfg["sample_size"] = MAX_DEFAULT_IMAGE_SIZE
-        if opts.scaling_factor is None:
-            _note(f"{path.name}: not a VAE architecture selfconsist knows, so its latent scaling "
-                  "factor is unknown; the diffusion prior uses diffusers' default 0.18215 "
-                  "(choose with --scaling-factor / --shift-factor or --config)")
-        return cfg, "inferred from tensors"
-    if how == "default" and opts.scaling_factor is None and any(
-            k.name != known.name and k.latent_channels == known.latent_channels
-            for k in ldm_keys.KNOWN_VAES):
-        _note(f"{path.name}: the file name does not say which model this VAE belongs to; "
-              f"assuming the latent statistics of {known.description} (choose with --model-type, "
-              "--scaling-factor or --config)")
-    elif how == "hint" and opts.scaling_factor is None:
-        _note(f"{path.name}: latent statistics of {known.description} guessed from the file name "
-              "(choose with --model-type, --scaling-factor or --config)")
-    cfg.update(known.config)
-    return cfg, f"inferred from tensors; statistics of {known.name} ({how})"

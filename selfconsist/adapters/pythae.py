@@ -74,6 +74,7 @@ from torch import Tensor, nn
 from ..errors import CheckpointError, SelfconsistError, UnsupportedModelError
 from ..io import META_PREFIX, read_safetensors_header, save_safetensors
 from .base import DiagonalGaussian, VAEAdapter
+from .options import LoadOptions
 
 FORMAT = "pythae"
 CONFIG_FILE = "model_config.json"
@@ -274,6 +275,7 @@ class PythaeVAE(VAEAdapter):
     """
 
     name = "pythae"
+    load_options = frozenset({"data_range"})
 
     def __init__(self, model: nn.Module, folder: Path | None = None,
                  data_range: tuple[float, float] = (0.0, 1.0)) -> None:
@@ -314,9 +316,14 @@ class PythaeVAE(VAEAdapter):
         return name in SUPPORTED or name in UNSUPPORTED
 
     @classmethod
-    def load(cls, path: Path, **options: Any) -> PythaeVAE:
+    def format_of(cls, path: Path) -> str:
+        return FORMAT
+
+    @classmethod
+    def load(cls, path: Path, options: LoadOptions | None = None) -> PythaeVAE:
         """Load a pythae folder. ``trust_remote_code=True`` allows unpickling custom networks;
         ``data_range=(lo, hi)`` overrides the (0, 1) default."""
+        opts = options or LoadOptions()
         path = Path(path)
         folder = _resolve_folder(path)
         if folder is None:
@@ -328,7 +335,7 @@ class PythaeVAE(VAEAdapter):
             raise CheckpointError(f"{folder}: no {WEIGHTS_FILE} (the weights of a pythae model)")
         # The trust check comes before anything but the JSON config is read.
         pickles = pickled_parts(cfg)
-        if pickles and not options.get("trust_remote_code", False):
+        if pickles and not opts.trust_remote_code:
             raise TrustRemoteCodeError(
                 f"{folder}: this pythae model has custom networks stored as pickles "
                 f"({', '.join(pickles)}), and unpickling runs code from the folder; if you trust "
@@ -365,7 +372,7 @@ class PythaeVAE(VAEAdapter):
         except RuntimeError as e:
             raise CheckpointError(f"{weights}: weights do not match {CONFIG_FILE} ({_reason(e, 1)})") from None
 
-        vae = cls(model, folder=folder, data_range=options.get("data_range") or (0.0, 1.0))
+        vae = cls(model, folder=folder, data_range=opts.data_range or (0.0, 1.0))
         vae._extra_blob = {k: v for k, v in blob.items() if k != "model_state_dict"}
         st = folder / SAFETENSORS_FILE
         if st.is_file():

@@ -12,6 +12,7 @@ from typing import Any
 
 import typer
 
+from ..adapters.options import option_label as flag
 from ..loading import LoadOptions
 
 AdapterOpt = typer.Option(
@@ -25,28 +26,28 @@ TrustOpt = typer.Option(
     "Only for files you trust.",
 )
 
-# The loading options of tune, eval and info: name → (type, typer option). One table, so the
-# three commands cannot drift apart.
+# The loading options of tune, eval and info: LoadOptions field → (type, typer option). One
+# table, so the three commands cannot drift apart; each flag is the one LoadOptions declares.
 LOAD_OPTIONS: dict[str, tuple[Any, Any]] = {
     "image_size": (str | None, typer.Option(
-        None, "--image-size", help="Image size N or HxW for convolutional-latent models "
+        None, flag("image_size"), help="Image size N or HxW for convolutional-latent models "
         "(diffusers; default: recorded in a tuned file, else the config's, capped to 256).")),
     "revision": (str | None, typer.Option(
-        None, "--revision", help="Hub branch, tag or commit, for a repo id.")),
+        None, flag("revision"), help="Hub branch, tag or commit, for a repo id.")),
     "variant": (str | None, typer.Option(
-        None, "--variant", help="Weights variant of a diffusers folder, e.g. fp16.")),
+        None, flag("variant"), help="Weights variant of a diffusers folder, e.g. fp16.")),
     "model_type": (str | None, typer.Option(
-        None, "--model-type", help="Latent statistics of a single file: sd, sdxl, sd3 or flux.")),
+        None, flag("model_type"), help="Latent statistics of a single file: sd, sdxl, sd3 or flux.")),
     "scaling_factor": (float | None, typer.Option(
-        None, "--scaling-factor", help="Latent scaling factor (overrides config and guesses).")),
+        None, flag("scaling_factor"), help="Latent scaling factor (overrides config and guesses).")),
     "shift_factor": (float | None, typer.Option(
-        None, "--shift-factor", help="Latent shift factor (overrides config and guesses).")),
+        None, flag("shift_factor"), help="Latent shift factor (overrides config and guesses).")),
     "config": (Path | None, typer.Option(
-        None, "--config", help="A diffusers config.json for a single-file VAE.")),
-    "enable_tiling": (bool, typer.Option(
-        False, "--enable-tiling", help="Encode/decode large images in tiles (diffusers).")),
+        None, flag("config"), help="A diffusers config.json for a single-file VAE.")),
+    "tiling": (bool, typer.Option(
+        False, flag("tiling"), help="Encode/decode large images in tiles (diffusers).")),
     "gradient_checkpointing": (bool | None, typer.Option(
-        None, "--gradient-checkpointing/--no-gradient-checkpointing",
+        None, f"{flag('gradient_checkpointing')}/--no-gradient-checkpointing",
         help="Recompute activations in the backward pass (default: on with CUDA, diffusers).")),
 }
 

@@ -130,6 +130,6 @@ def eval_command(
     result = evaluate(model, compare, data=data, labels=labels, out=out, config=cfg,
                       overwrite=overwrite, progress=True, adapter=adapter,
                       compare_adapter=compare_adapter, trust_remote_code=trust_remote_code,
-                      load_options=(load or LoadOptions()).adapter_options(), **names)
+                      load_options=(load or LoadOptions()).given(), **names)
     typer.echo(render_table(result.metrics))
     typer.echo(str(out / "report.md"))

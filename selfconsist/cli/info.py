@@ -53,7 +53,7 @@ def info(
     load: LoadOptions | None = None,
 ) -> None:
     """Print the adapter, architecture, latent and data shapes, prior and parameter counts."""
-    vae = load_model(model, adapter, trust_remote_code, **(load or LoadOptions()).adapter_options())
+    vae = load_model(model, adapter, trust_remote_code, **(load or LoadOptions()).given())
     d = describe(vae)
     if as_json:
         echo_json(d)

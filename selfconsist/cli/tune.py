@@ -95,7 +95,7 @@ def tune(
         check_repo_id(push_to_hub, "--push-to-hub")
     if out.exists() and not overwrite and not print_config:  # fail before loading anything big
         raise SelfconsistError(f"{out} exists; pass --overwrite to replace it")
-    options = (load or LoadOptions()).adapter_options()
+    options = (load or LoadOptions()).given()
     vae = load_model(model, adapter, trust_remote_code, **options)
     if print_config:
         print_settings(resolve_config(vae, cfg, example=example))
