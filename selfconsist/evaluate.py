@@ -103,6 +103,9 @@ class EvalConfig:
     fit: str = "crop"  # image folders of other sizes: "crop" (centre crop) or "tile"
     cycles: tuple[int, ...] = (1, 2, 5, 10)  # K of cycle_psnr@K; the largest sets cycle_db_lost
     real_images: int | None = None  # at most this many held-out images for the cycle stages
+    # The idempotent bound inverts the decoder (50 Adam steps) at every cycle after the first:
+    # about 100× a plain cycle, so it runs on the first few real images only (0: not at all).
+    bound_images: int = 8
 
     def __post_init__(self) -> None:
         require_finite(self)
@@ -132,6 +135,8 @@ class EvalConfig:
         if not cycles or cycles[0] < 1 or any(float(k) != int(k) for k in self.cycles):
             raise SelfconsistError("--cycles must be positive integers, e.g. --cycles 1,2,5,10")
         self.cycles = cycles
+        if self.bound_images < 0:
+            raise SelfconsistError("--bound-images must be ≥ 0")
         if self.real_images is not None and self.real_images < 2:
             raise SelfconsistError("--real-images must be at least 2")
 
@@ -316,12 +321,15 @@ def _real_images(split: _Split, cfg: EvalConfig, data_range: tuple[float, float]
     return _to_model_range(x, data_range)
 
 
-def _stage_names(has_data: bool, has_labels: bool, has_images: bool = False) -> list[str]:
+def _stage_names(has_data: bool, has_labels: bool, has_images: bool = False,
+                 bound: bool = False) -> list[str]:
     names = ["decoder responses", "sample round trip", "drift (samples)", "PGD shift (samples)"]
     if has_data:
         names += ["reconstruction, active units", "drift (data)"]
     if has_images:
-        names += ["real-image cycles"]
+        names += ["real-image cycles", "real-image cycles (pipeline)"]
+        if bound:
+            names += ["idempotent bound"]
     if has_labels:
         names += ["linear probe"]
     if has_data:
@@ -410,10 +418,19 @@ def _evaluate_model(vae: VAEAdapter, cfg: EvalConfig, split: _Split | None, stag
 
         if _has_images(vae, split):
             with stages.stage(f"{label}: real-image cycles"):
-                cyc = R.cycle_metrics(vae, _real_images(split, cfg, rng), cfg.cycles, bs, keep=1)
+                real = _real_images(split, cfg, rng)
+                cyc = R.cycle_metrics(vae, real, cfg.cycles, bs, keep=1)
                 out.update(cyc.estimates)
                 art["cycles"] = {"chains": cyc.chains, "steps": cyc.steps, "n": int(
                     cyc.per_image["image_psnr"].numel())}
+            # As diffusers pipelines and editing tools run it: posterior samples, 8-bit images.
+            with stages.stage(f"{label}: real-image cycles (pipeline)"):
+                out.update(R.cycle_metrics(vae, real, cfg.cycles, bs, mode="pipeline", seed=s).estimates)
+            if cfg.bound_images and max(cfg.cycles) > 1:
+                with stages.stage(f"{label}: idempotent bound"):
+                    n = min(cfg.bound_images, real.shape[0])
+                    out.update(R.cycle_metrics(vae, real[:n], cfg.cycles, bs, mode="bound").estimates)
+                    out["bound_encoder_db_lost"] = M.Estimate.of(cyc.per_image["cycle_db_lost"][:n])
 
         probe = None
         if split.test_y is not None and split.train_x is not None:
@@ -561,7 +578,8 @@ def evaluate(model: Any, compare: Any = None, *, data: Any = None, labels: Any =
     # spread is across images, so it needs two)
     with_compat = (has_images and compare is not None
                    and (len(first.latent_shape) > 1 or split.test_x.shape[0] > 1))
-    n_stages = (len(_stage_names(split is not None, has_labels, has_images)) * len(vaes) + 1
+    n_stages = (len(_stage_names(split is not None, has_labels, has_images,
+                                   bool(cfg.bound_images) and max(cfg.cycles) > 1)) * len(vaes) + 1
                 + int(with_compat))
 
     results: dict[str, dict[str, Any]] = {}

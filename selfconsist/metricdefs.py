@@ -90,6 +90,25 @@ METRICS: dict[str, MetricDef] = {
     "cycle_db_lost": MetricDef(
         "dB lost from cycle 1 to the last of the cycles (PSNR@1 − PSNR@K)", DOWN, "dB",
         "analytic: std/√n over images (per-image difference)"),
+    "pipe_image_psnr": MetricDef(
+        "single-pass PSNR (dB) as pipelines run it: z ~ q(z|x) sampled, g(z) clipped and "
+        "quantised to 8 bits, per-image mean", UP, "dB", "analytic: std/√n over images (per-image PSNR)"),
+    "pipe_cycle_psnr@": MetricDef(
+        "PSNR (dB) of x_K vs x₀ after K pipeline cycles (sampled posterior, uint8 between cycles)",
+        UP, "dB", "analytic: std/√n over images (per-image PSNR)"),
+    "pipe_cycle_db_lost": MetricDef(
+        "dB lost from cycle 1 to the last, pipeline cycles (PSNR@1 − PSNR@K)", DOWN, "dB",
+        "analytic: std/√n over images (per-image difference)"),
+    "bound_cycle_psnr@": MetricDef(
+        "idempotent bound: PSNR (dB) of x_K vs x₀ when the first encode is the encoder's and every "
+        "later one is exact decoder inversion (the best an encoder-only fix can give)", UP, "dB",
+        "analytic: std/√n over images (per-image PSNR)"),
+    "bound_cycle_db_lost": MetricDef(
+        "idempotent bound: dB lost from cycle 1 to the last (PSNR@1 − PSNR@K), on the first "
+        "--bound-images images", DOWN, "dB", "analytic: std/√n over images (per-image difference)"),
+    "bound_encoder_db_lost": MetricDef(
+        "the encoder's own dB lost (cycle_db_lost) on the same images as the bound, to compare "
+        "like with like", DOWN, "dB", "analytic: std/√n over images (per-image difference)"),
     "latent_shift": MetricDef(
         "mean |μ_tuned(x) − μ_base(x)| in base-latent std units, real images", DOWN,
         "base-latent standard deviations",

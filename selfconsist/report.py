@@ -222,6 +222,12 @@ def render_report(metrics: dict[str, Any], figures: dict[str, str] | None = None
                      f"(image folders fitted by `{cfg.get('fit', 'crop')}`), K = "
                      f"{', '.join(str(k) for k in cfg.get('cycles', []))}; x_k = clip(g(μ(x_(k−1)))), "
                      "PSNR/SSIM per image, then averaged")
+        lines.append("- pipeline cycles (`pipe_`): the same images, z ~ q(z|x) sampled and every "
+                     "decoded image quantised to 8 bits, as diffusers pipelines and editing tools run")
+        if cfg.get("bound_images"):
+            lines.append(f"- idempotent bound (`bound_`): the first {cfg['bound_images']} images, first "
+                         "encode by the encoder, every later one by exact decoder inversion "
+                         "(50 Adam steps from μ(x)): the best an encoder-only fix could give")
     modes = cfg.get("responsive_mode", {})
     if "channel" in modes.values():
         lines.append("- decoder-responsive elements were probed per latent channel (the "

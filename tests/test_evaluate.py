@@ -22,8 +22,10 @@ DATA_FREE = {"sample_roundtrip_mse", "latent_roundtrip_corr", "consistency_kl", 
 WITH_DATA = {"recon_mse", "recon_psnr", "active_units", "responsive_active", "drift_data@10",
              "adv_shift_data@0.1", "adv_shift_data@0.2"}
 # image data (C, H, W): the real-image cycles (no SSIM below 11×11, so none on 8×8 digits)
-WITH_IMAGES = {"image_psnr", "cycle_psnr@1", "cycle_psnr@2", "cycle_psnr@5", "cycle_psnr@10",
-               "cycle_db_lost"}
+_CYCLES = {"cycle_psnr@1", "cycle_psnr@2", "cycle_psnr@5", "cycle_psnr@10", "cycle_db_lost"}
+# the deterministic chain, the pipeline chain (sampled, uint8) and the idempotent bound
+WITH_IMAGES = ({"image_psnr", "pipe_image_psnr", "bound_encoder_db_lost"} | _CYCLES
+               | {"pipe_" + k for k in _CYCLES} | {"bound_" + k for k in _CYCLES})
 WITH_LABELS = {"probe_acc", "probe_acc_adv@0.1", "probe_acc_adv@0.2", "probe_acc_ce@0.1", "probe_acc_ce@0.2"}
 
 

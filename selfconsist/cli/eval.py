@@ -66,6 +66,10 @@ def eval_command(
     real_images: int | None = typer.Option(
         None, "--real-images", help="At most N held-out images for the real-image cycles and "
         f"latent compatibility (default: all; --fast: {F['real_images']})."),
+    bound_images: int | None = typer.Option(
+        None, "--bound-images", help="Real images for the idempotent bound (the first encode by "
+        "the encoder, every later one by exact decoder inversion: the best an encoder-only fix "
+        f"can give); 0 skips it. Default {D.bound_images}."),
     labels: Path | None = typer.Option(None, "--labels",
                                        help="Integer labels (.npy), one per item of --data."),
     name: str | None = typer.Option(
@@ -125,7 +129,8 @@ def eval_command(
         drift_k=drift_k, rho=rho, n_train=n_train, probe_train_fraction=probe_train_fraction,
         n_test=n_test, batch_size=batch_size, device=device, prior=prior,
         figures=False if no_figures else None, fit=fit,
-        cycles=None if cycles is None else parse_cycles(cycles), real_images=real_images)
+        cycles=None if cycles is None else parse_cycles(cycles), real_images=real_images,
+        bound_images=bound_images)
     names = {k: v for k, v in (("name", name), ("compare_name", compare_name)) if v is not None}
     result = evaluate(model, compare, data=data, labels=labels, out=out, config=cfg,
                       overwrite=overwrite, progress=True, adapter=adapter,
