@@ -108,8 +108,11 @@ class VAEAdapter(ABC):
     #: Observation variance v of the Gaussian likelihood.
     obs_var: float = 1.0
     #: TuneConfig settings for this family that differ from the generic defaults, chosen by
-    #: evidence (``TuneConfig.for_model`` applies them; explicit options still win).
+    #: evidence (``tune.resolve_config`` applies them; explicit settings still win).
     tune_defaults: ClassVar[dict[str, Any]] = {}
+    #: Applied on top of :attr:`tune_defaults` when the user passes ``--images`` (the
+    #: data-light recipe of this family).
+    tune_defaults_images: ClassVar[dict[str, Any]] = {}
 
     def __init__(self) -> None:
         self._prior_name: str | None = None
