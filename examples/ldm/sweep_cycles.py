@@ -61,8 +61,11 @@ SETTINGS: dict[str, dict] = {
     "cycle pixel, unrelated images, anchor 10": {**CYC, "images": UNRELATED, "anchor": 10.0},
     "avae, unrelated images, anchor .1": {**AVAE, "images": UNRELATED, "anchor": 0.1},
 }
-#: Longer runs of the most promising settings (filled in after the first wave).
-LONG: dict[str, dict] = {}
+#: Longer runs: how the gain grows with the budget (started while the first wave ran, on the
+#: setting that the 300-step pilot and the issue's evidence favoured).
+LONG: dict[str, dict] = {
+    "cycle pixel, images, anchor 10, 4000 steps": {**CYC, "images": USER, "anchor": 10.0, "steps": 4000},
+}
 
 
 def slug(name: str) -> str:
