@@ -224,3 +224,26 @@ def test_default_out_names():
     assert default_out("owner/name") == Path("name-selfconsist")
     assert default_out("owner/name:vae") == Path("name-selfconsist")
     assert default_out("owner/name:sdxl_vae.safetensors") == Path("sdxl_vae.selfconsist.safetensors")
+
+
+def test_the_resumable_state_is_written_right_after_the_before_measurement(digits_model, tmp_path, monkeypatch):
+    """A kill during the first steps (before any --save-every) must not lose the before
+    measurement, which takes minutes on an SD-size model: the state exists at step 0."""
+    from selfconsist.io import state_path_for
+    from selfconsist.tune import TuneRecipe
+
+    out = tmp_path / "t.safetensors"
+    seen = {}
+
+    def killed(self):
+        state = torch.load(state_path_for(out), weights_only=True)
+        seen.update(step=state["step"], before=state["before"])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(TuneRecipe, "train", killed)
+    with pytest.raises(KeyboardInterrupt):
+        selfconsist.tune(str(digits_model), TuneConfig(steps=50, batch_size=8, device="cpu",
+                                                       eval_samples=32, save_every=1000), out=out,
+                         progress=False)
+    assert seen["step"] == 0 and "sample_roundtrip_mse" in seen["before"]
+    assert not out.exists()

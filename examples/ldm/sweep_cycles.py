@@ -39,26 +39,25 @@ SETTINGS: dict[str, dict] = {
     # the recipes shipped before the cycle objective, as baselines
     "avae, refine 2, anchor 1 (old diffusers default)": {**AVAE, "prior_refine": 2, "anchor": 1.0},
     "avae, images, anchor .1": {**AVAE, "images": USER, "anchor": 0.1},
-    # data-free: z₀ = prior draws refined twice through the base; anchor on noisy decoded samples
-    "cycle pixel, refine 2, anchor 0": {**CYC, "prior_refine": 2, "anchor": 0.0},
+    # In priority order: the workers take the next setting nobody has taken, and the sweep
+    # stops where the session's time runs out.
     "cycle pixel, refine 2, anchor 1": {**CYC, "prior_refine": 2, "anchor": 1.0},
-    "cycle pixel, refine 2, anchor 10": {**CYC, "prior_refine": 2, "anchor": 10.0},
-    "cycle pixel, refine 2, anchor 1, noise .01": {**CYC, "prior_refine": 2, "anchor": 1.0, "anchor_noise": 0.01},
-    "cycle pixel, refine 2, anchor 1, noise .1": {**CYC, "prior_refine": 2, "anchor": 1.0, "anchor_noise": 0.1},
-    "cycle latent, refine 2, anchor 1": {**CYC, "cycle_space": "latent", "prior_refine": 2, "anchor": 1.0},
-    "cycle pixel, prior, anchor 1": {**CYC, "anchor": 1.0},
-    "cycle pixel, refine 2, depth 3, anchor 1": {**CYC, "prior_refine": 2, "cycle_depth": 3, "anchor": 1.0},
-    "cycle pixel, refine 2, anchor 1, lr 1e-3": {**CYC, "prior_refine": 2, "anchor": 1.0, "lr": 1e-3},
-    # with --images of the user's kind (never the test photos); anchor on those images
-    "cycle pixel, images, anchor 0": {**CYC, "images": USER, "anchor": 0.0},
-    "cycle pixel, images, anchor 1": {**CYC, "images": USER, "anchor": 1.0},
     "cycle pixel, images, anchor 10": {**CYC, "images": USER, "anchor": 10.0},
-    "cycle pixel, images, anchor 100": {**CYC, "images": USER, "anchor": 100.0},
+    "cycle pixel, images, anchor 0": {**CYC, "images": USER, "anchor": 0.0},
+    "cycle pixel, refine 2, anchor 0": {**CYC, "prior_refine": 2, "anchor": 0.0},
+    "cycle pixel, images, anchor 1": {**CYC, "images": USER, "anchor": 1.0},
+    "cycle pixel, refine 2, anchor 10": {**CYC, "prior_refine": 2, "anchor": 10.0},
     "cycle latent, images, anchor 10": {**CYC, "cycle_space": "latent", "images": USER, "anchor": 10.0},
+    "cycle pixel, images, anchor 100": {**CYC, "images": USER, "anchor": 100.0},
+    "cycle pixel, refine 2, anchor 1, noise .1": {**CYC, "prior_refine": 2, "anchor": 1.0, "anchor_noise": 0.1},
     "cycle pixel, images, depth 3, anchor 10": {**CYC, "images": USER, "cycle_depth": 3, "anchor": 10.0},
-    "cycle pixel, images, anchor 10, lr 1e-3": {**CYC, "images": USER, "anchor": 10.0, "lr": 1e-3},
-    # with --images unlike the user's (scikit-image photos)
+    "cycle pixel, refine 2, depth 3, anchor 1": {**CYC, "prior_refine": 2, "cycle_depth": 3, "anchor": 1.0},
+    "cycle latent, refine 2, anchor 1": {**CYC, "cycle_space": "latent", "prior_refine": 2, "anchor": 1.0},
     "cycle pixel, unrelated images, anchor 10": {**CYC, "images": UNRELATED, "anchor": 10.0},
+    "cycle pixel, images, anchor 10, lr 1e-3": {**CYC, "images": USER, "anchor": 10.0, "lr": 1e-3},
+    "cycle pixel, prior, anchor 1": {**CYC, "anchor": 1.0},
+    "cycle pixel, refine 2, anchor 1, noise .01": {**CYC, "prior_refine": 2, "anchor": 1.0, "anchor_noise": 0.01},
+    "cycle pixel, refine 2, anchor 1, lr 1e-3": {**CYC, "prior_refine": 2, "anchor": 1.0, "lr": 1e-3},
     "avae, unrelated images, anchor .1": {**AVAE, "images": UNRELATED, "anchor": 0.1},
 }
 #: Longer runs: how the gain grows with the budget (started while the first wave ran, on the
@@ -78,16 +77,21 @@ def all_settings() -> dict[str, dict]:
 
 def tune_one(name: str, root: Path, testbed: Path) -> None:
     import selfconsist
+    from selfconsist.errors import SelfconsistError
     from selfconsist.tune import TuneConfig, tune
 
     out = root / slug(name)
-    if (root / f"{slug(name)}.json").exists():
-        print(f"skip {name}: tuned", file=sys.stderr)
+    if (root / f"{slug(name)}.json").exists() or out.with_name(out.name + ".lock").exists():
+        print(f"skip {name}: tuned or being tuned", file=sys.stderr)
         return
     vae = selfconsist.load(str(testbed), image_size=32)
     settings = {**COMMON, **all_settings()[name]}
     t0 = time.time()
-    result = tune(vae, TuneConfig(**settings), out, progress=False, overwrite=True)
+    try:
+        result = tune(vae, TuneConfig(**settings), out, progress=False, overwrite=True)
+    except SelfconsistError as e:  # another worker took it in the meantime
+        print(f"skip {name}: {e}", file=sys.stderr)
+        return
     rec = {"name": name, "settings": settings, "seconds": round(time.time() - t0, 1),
            "before": result.before, "after": result.after, "latent_shift_tune": result.latent_shift,
            "resolved": {k: [v, s] for k, v, s in result.settings.rows()}}
@@ -109,13 +113,14 @@ def measure(base, tuned, x: torch.Tensor, bound: bool = False) -> dict[str, dict
     return m
 
 
-def measure_all(root: Path, names: list[str], testbed: Path, shard: tuple[int, int]) -> None:
+def measure_all(root: Path, names: list[str], testbed: Path, shard: tuple[int, int],
+                with_base: bool = True) -> None:
     import selfconsist
     from selfconsist.data import load_image_folder
 
     base = selfconsist.load(str(testbed))
     x = load_image_folder(Path(TEST), tuple(base.data_shape), fit="crop", data_range=base.data_range).x
-    todo = [("base", None)] + [(n, root / slug(n)) for n in names]
+    todo = [("base", None)] * with_base + [(n, root / slug(n)) for n in names]
     for i, (name, path) in enumerate(todo):
         if i % shard[1] != shard[0]:
             continue
@@ -138,6 +143,7 @@ def main() -> None:
     ap.add_argument("--shard", default="0/1", help="i/n: this process takes every n-th setting")
     ap.add_argument("--out", default=None, help="markdown table to write (table phase)")
     ap.add_argument("--chart", default=None, help="trade-off chart to write (table phase)")
+    ap.add_argument("--no-base", action="store_true", help="measure: skip the base model")
     args = ap.parse_args()
     torch.set_num_threads(1)
     root = Path(args.root)
@@ -149,7 +155,7 @@ def main() -> None:
             if i % shard[1] == shard[0]:
                 tune_one(name, root, Path(args.testbed))
     elif args.phase == "measure":
-        measure_all(root, names, Path(args.testbed), shard)
+        measure_all(root, names, Path(args.testbed), shard, not args.no_base)
     else:
         from cycle_table import write_table
 
