@@ -82,8 +82,9 @@ def _shift(a: DiffusersVAE, b: DiffusersVAE) -> float:
 def test_huge_anchor_keeps_the_encoder_at_the_base():
     q = {**QUICK, "lr": 1e-3, "steps": 30}
     free, anchored, ref = tiny_vae(), tiny_vae(), tiny_vae()
-    tune(free, TuneConfig(anchor=0.0, prior_refine=0, **q), progress=False)
-    tune(anchored, TuneConfig(anchor=1e6, prior_refine=0, **q), progress=False)
+    # the AVAE objective's KL anchor, on the decoded samples themselves
+    tune(free, TuneConfig(objective="avae", anchor=0.0, prior_refine=0, **q), progress=False)
+    tune(anchored, TuneConfig(objective="avae", anchor=1e6, prior_refine=0, **q), progress=False)
     # Adam's steps have a size of about lr whatever the loss scale (and the anchor's gradient is
     # 0 at the first step), so an anchored encoder jitters within about one step of the base
     # while a free one keeps moving away: compare the latents of the same inputs.

@@ -47,6 +47,7 @@ SETTINGS: dict[str, dict] = {
     "cycle pixel, refine 2, anchor 0": {**CYC, "prior_refine": 2, "anchor": 0.0},
     "cycle pixel, images, anchor 1": {**CYC, "images": USER, "anchor": 1.0},
     "cycle pixel, refine 2, anchor 10": {**CYC, "prior_refine": 2, "anchor": 10.0},
+    "cycle pixel, refine 2, anchor 100": {**CYC, "prior_refine": 2, "anchor": 100.0},
     "cycle latent, images, anchor 10": {**CYC, "cycle_space": "latent", "images": USER, "anchor": 10.0},
     "cycle pixel, images, anchor 100": {**CYC, "images": USER, "anchor": 100.0},
     "cycle pixel, refine 2, anchor 1, noise .1": {**CYC, "prior_refine": 2, "anchor": 1.0, "anchor_noise": 0.1},
@@ -125,7 +126,8 @@ def measure_all(root: Path, names: list[str], testbed: Path, shard: tuple[int, i
         if i % shard[1] != shard[0]:
             continue
         cache = root / f"{slug(name)}.heldout.json"
-        if cache.exists() or (path is not None and not (root / f"{slug(name)}.json").exists()):
+        rec = root / f"{slug(name)}.json"
+        if cache.exists() or (path is not None and (not rec.exists() or "placeholder" in rec.read_text())):
             continue
         t0 = time.time()
         tuned = base if path is None else selfconsist.load(str(path))
