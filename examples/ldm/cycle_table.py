@@ -39,8 +39,8 @@ def rows(root: Path, names: list[str]) -> tuple[dict, list[dict]]:
 def write_table(root: Path, names: list[str], out: str | None, chart: str | None) -> None:
     base, rs = rows(root, names)
     lines = [
-        "| setting | data | steps | single pass Δ dB | dB lost 1→10 (cut) | PSNR@10 | "
-        "pipeline: single pass Δ dB | pipeline: dB lost (cut) | latent shift (σ) | tune s |",
+        "| setting | data | steps | single pass Δ dB | dB lost 1→10 (reduction) | PSNR@10 | "
+        "pipeline: single pass Δ dB | pipeline: dB lost (reduction) | latent shift (σ) | tune s |",
         "|---|---|---|---|---|---|---|---|---|---|",
         f"| base (not tuned) | – | – | {_v(base, 'image_psnr'):.2f} dB | {_v(base, 'cycle_db_lost'):.2f} | "
         f"{_v(base, 'cycle_psnr@10'):.2f} | {_v(base, 'pipe_image_psnr'):.2f} dB | "
@@ -87,7 +87,7 @@ def draw_chart(rs: list[dict], path: str) -> None:
         ax.set_title(f"cycles with {title}")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("reduction of dB lost, cycles 1→10 (1 = no loss)")
-    axes[0].legend(loc="lower right", fontsize=8)
+    axes[0].legend(loc="upper left", fontsize=8)
     fig.suptitle("SD-class testbed, 100 held-out crops: cycle gain against latent shift "
                  "(labels: single-pass PSNR change, dB; green: shift ≤ 0.1, dashed: halved)", fontsize=10)
     fig.tight_layout()
