@@ -420,13 +420,13 @@ class _BarTerms:
         self.running = value if self.running is None else 0.95 * self.running + 0.05 * value
 
     def shown(self, terms: dict[str, Tensor]) -> dict[str, float]:
-        name = "cons/elem" if self.headline == "coupling" else self.headline
-        short = {"coupling": "C"}
-        rest = {short.get(k, k): v.mean().item() for k, v in terms.items() if k not in ("loss", self.headline)}
-        if self.headline == "coupling":
-            rest["C"] = terms["coupling"].mean().item()
-            rest = {k: rest[k] for k in ("log_lik", "kl", "C", "anchor") if k in rest}
-        return {"loss": terms["loss"].item(), name: self.running, **rest}
+        if self.headline == "coupling":  # the AVAE bar: its terms in their usual order
+            name, rest = "cons/elem", {"log_lik": terms["log_lik"], "kl": terms["kl"],
+                                       "C": terms["coupling"], **({"anchor": terms["anchor"]}
+                                                                  if "anchor" in terms else {})}
+        else:
+            name, rest = self.headline, {k: v for k, v in terms.items() if k not in ("loss", self.headline)}
+        return {"loss": terms["loss"].item(), name: self.running, **{k: v.mean().item() for k, v in rest.items()}}
 
 
 @locks_output

@@ -21,9 +21,7 @@ from ..settings import PANELS
 
 
 def _base_type(annotation: Any) -> Any:
-    """``float | None`` (or the string ``"float | None"``) → ``float``."""
-    if isinstance(annotation, str):
-        annotation = eval(annotation, {"Path": Path})  # noqa: S307 - our own annotations
+    """``float | None`` → ``float``."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         return args[0]
@@ -45,10 +43,11 @@ def _help(f: Any, family_note: Callable[[str], str]) -> str:
 def config_options(cls: type, family_note: Callable[[str], str] = lambda name: "") -> list[inspect.Parameter]:
     """One keyword parameter per setting of ``cls``, as typer reads them."""
     params = []
+    hints = typing.get_type_hints(cls)  # the fields' annotations are strings (PEP 563)
     for f in fields(cls):
         if "help" not in f.metadata:
             continue
-        base = _base_type(f.type)
+        base = _base_type(hints[f.name])
         flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
         if base is bool:
             flag = f"{flag}/--no-{flag[2:]}"
