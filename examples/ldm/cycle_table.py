@@ -14,6 +14,11 @@ def _v(m: dict, key: str) -> float:
     return m[key]["value"]
 
 
+#: where z₀ and the anchor came from, by the --images folder the setting used
+DATA = {None: "data-free", "runs/ldm/user": "images", "runs/ldm/many": "many images",
+        "runs/ldm/unrelated": "unrelated images"}
+
+
 def rows(root: Path, names: list[str]) -> tuple[dict, list[dict]]:
     base = json.loads((root / "base.heldout.json").read_text())
     out = []
@@ -23,7 +28,7 @@ def rows(root: Path, names: list[str]) -> tuple[dict, list[dict]]:
             continue
         m, r = json.loads(cache.read_text()), json.loads(rec.read_text())
         row = {"name": name, "steps": r["settings"]["steps"], "seconds": r["seconds"],
-               "data": "images" if r["settings"].get("images") else "data-free"}
+               "data": DATA[r["settings"].get("images")]}
         for p in ("", "pipe_"):
             row[p + "d_psnr"] = _v(m, p + "image_psnr" if p else "image_psnr") - _v(
                 base, p + "image_psnr" if p else "image_psnr")
@@ -75,8 +80,11 @@ def draw_chart(rs: list[dict], path: str) -> None:
         ax.axvspan(0, 0.1, color="#e8f4e8", zorder=0)
         ax.axhline(0.5, color="#2a7", lw=1, ls="--", zorder=1)
         ax.axhline(0.0, color="#999", lw=0.8, zorder=1)
-        for data, marker, colour in (("data-free", "o", "#c44"), ("images", "s", "#36c")):
+        for data, marker, colour in (("data-free", "o", "#c44"), ("images", "s", "#36c"),
+                                     ("many images", "D", "#2a7"), ("unrelated images", "^", "#a6c")):
             pts = [r for r in rs if r["data"] == data]
+            if not pts:
+                continue
             ax.scatter([r["shift"] for r in pts], [r[p + "cut"] for r in pts], marker=marker, c=colour,
                        s=36, label=f"{data}", zorder=3)
             for r in pts:

@@ -28,6 +28,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 TESTBED = HERE / "sdclass-vae"
 USER, UNRELATED, TEST = "runs/ldm/user", "runs/ldm/unrelated", "runs/ldm/test"
+#: many images of the kind the user encodes: the TRAIN photos' crops and USER's (wallpapers.py)
+MANY = "runs/ldm/many"
 COMMON = {"steps": 1000, "batch_size": 8, "seed": 0, "save_every": 100_000, "precision": "bf16",
           "device": "cpu", "fit": "tile", "eval_samples": 64}
 AVAE = {"objective": "avae", "rho": 0.975, "lambda_rec": 5.0, "lr": 1e-4}
@@ -60,11 +62,23 @@ SETTINGS: dict[str, dict] = {
     "cycle pixel, refine 2, anchor 1, noise .01": {**CYC, "prior_refine": 2, "anchor": 1.0, "anchor_noise": 0.01},
     "cycle pixel, refine 2, anchor 1, lr 1e-3": {**CYC, "prior_refine": 2, "anchor": 1.0, "lr": 1e-3},
     "avae, unrelated images, anchor .1": {**AVAE, "images": UNRELATED, "anchor": 0.1},
+    # Second wave (after examples/ldm/limits.py showed the gain is limited by how far it
+    # generalises from the images it trains on): more images, and the data-free levers.
+    "cycle pixel, many images, anchor 10": {**CYC, "images": MANY, "anchor": 10.0},
+    "cycle pixel, refine 2, anchor 10, noise .1": {**CYC, "prior_refine": 2, "anchor": 10.0, "anchor_noise": 0.1},
+    "cycle pixel, refine 2, anchor 10, noise .01": {**CYC, "prior_refine": 2, "anchor": 10.0, "anchor_noise": 0.01},
+    "cycle pixel, refine 2, depth 3, anchor 10": {**CYC, "prior_refine": 2, "cycle_depth": 3, "anchor": 10.0},
+    "cycle pixel, prior, anchor 10": {**CYC, "anchor": 10.0},
+    "cycle latent, refine 2, anchor 10": {**CYC, "cycle_space": "latent", "prior_refine": 2, "anchor": 10.0},
+    "cycle pixel, many images, anchor 10, lr 1e-3": {**CYC, "images": MANY, "anchor": 10.0, "lr": 1e-3},
 }
 #: Longer runs: how the gain grows with the budget (started while the first wave ran, on the
 #: setting that the 300-step pilot and the issue's evidence favoured).
 LONG: dict[str, dict] = {
     "cycle pixel, images, anchor 10, 4000 steps": {**CYC, "images": USER, "anchor": 10.0, "steps": 4000},
+    # the shipped data-free default, four times longer
+    "cycle pixel, refine 2, anchor 10, 4000 steps": {**CYC, "prior_refine": 2, "anchor": 10.0, "steps": 4000},
+    "cycle pixel, many images, anchor 10, 4000 steps": {**CYC, "images": MANY, "anchor": 10.0, "steps": 4000},
 }
 
 

@@ -20,6 +20,9 @@ trained on either: ``--images`` of images unlike the ones a user encodes.
     python examples/ldm/wallpapers.py crops test runs/ldm/test     # 100 PNG crops, 64 px
     python examples/ldm/wallpapers.py crops user runs/ldm/user     # 96 PNG crops
     python examples/ldm/wallpapers.py crops unrelated runs/ldm/unrelated
+    # many images of the kind the user encodes (TRAIN photos, 16 crops each, + USER): the "many" runs
+    python examples/ldm/wallpapers.py crops train runs/ldm/many --per-photo 16
+    python examples/ldm/wallpapers.py crops user runs/ldm/many
 """
 
 from __future__ import annotations
@@ -196,12 +199,13 @@ def main() -> None:
     c.add_argument("split", choices=("test", "user", "unrelated", "train"))
     c.add_argument("dest")
     c.add_argument("--photos", default="runs/ldm/photos.pt")
+    c.add_argument("--per-photo", type=int, default=None, help="crops per photo (default: the split's)")
     args = ap.parse_args()
     if args.cmd == "prepare":
         prepare(args.root, args.out)
         return
     photos = load(args.photos)[args.split]
-    per = {"test": 20, "user": 16, "unrelated": 16, "train": 4}[args.split]
+    per = args.per_photo or {"test": 20, "user": 16, "unrelated": 16, "train": 4}[args.split]
     crops = grid_crops(photos, per, seed={"test": 0, "user": 1, "unrelated": 2, "train": 3}[args.split])
     print(f"{len(crops)} crops → {write_pngs(crops, args.dest)}")
 
