@@ -10,6 +10,9 @@ conv, 3×64×64, channels 64/128/128; batch 8), times the tune step (``posthoc_t
 * ``fp32``: eager fp32, fused Adam, as ``tune`` builds it now;
 * ``fast``: bf16 autocast (CPUs with bf16 units only), fused Adam, channels_last for the conv.
 
+``--malloc default`` leaves glibc's allocator as it is (as tune/train ran before issue 22); by
+default the benchmark first calls ``runtime.keep_freed_memory`` as ``tune`` and ``train`` do.
+
 FLOPs per step come from ``torch.utils.flop_counter`` (matmuls and convs); the peak is the best
 single-thread 1024² sgemm (and bf16 gemm) rate, measured in the same process so the ratio is
 robust to the machine's load.
@@ -133,10 +136,17 @@ def time_step(step, reps: int) -> float:
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--malloc", choices=("keep", "default"), default="keep",
+                   help="keep: glibc keeps freed memory, as tune and train set it "
+                   "(runtime.keep_freed_memory); default: glibc's own behaviour (train and tune "
+                   "before issue 22)")
     args = p.parse_args(argv)
     from selfconsist.adapters.builtin import BuiltinVAE
     from selfconsist.models import ModelConfig
-    from selfconsist.runtime import cpu_has_bf16
+    from selfconsist.runtime import cpu_has_bf16, keep_freed_memory
+
+    kept = keep_freed_memory(torch.device("cpu")) if args.malloc == "keep" else False
+    print(json.dumps({"malloc": args.malloc, "kept_freed_memory": kept}), flush=True)
 
     torch.manual_seed(0)
     peak32 = gemm_peak(torch.float32)
