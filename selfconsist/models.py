@@ -77,10 +77,73 @@ class ModelConfig:
         return cls(**d)
 
 
+def _onednn_linear_op() -> Any:
+    """oneDNN's dense fp32 linear (``torch.ops.mkldnn._linear_pointwise``), or None where this
+    PyTorch build lacks it."""
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return None
+        return torch.ops.mkldnn._linear_pointwise.default
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_ONEDNN_LINEAR = _onednn_linear_op()
+#: Whether built-in models run their fp32 CPU linear layers (forward and backward) on oneDNN.
+#: On the dev machine's AMD EPYC, PyTorch's default fp32 gemm (MKL) reaches ~60–90 GFLOP/s at
+#: the MLP's shapes and oneDNN 100–150 (docs/performance.md); elsewhere it is at worst a
+#: different gemm of the same product. :func:`use_onednn_linear` switches it (the benchmarks).
+ONEDNN_LINEAR = {"on": _ONEDNN_LINEAR is not None}
+
+
+def use_onednn_linear(on: bool) -> bool:
+    """Route built-in models' fp32 CPU linear layers through oneDNN (``on``) or PyTorch's default
+    gemm; returns whether oneDNN is in use (False where the build has no oneDNN linear)."""
+    ONEDNN_LINEAR["on"] = bool(on) and _ONEDNN_LINEAR is not None
+    return ONEDNN_LINEAR["on"]
+
+
+class _OneDNNLinearFn(torch.autograd.Function):
+    """y = x Wᵀ + b on oneDNN, with the two backward products on oneDNN too:
+    ∂x = ∂y W and ∂W = ∂yᵀ x (each only where its input needs a gradient), ∂b = Σ_batch ∂y."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        x, weight = ctx.saved_tensors
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = _ONEDNN_LINEAR(grad, weight.t(), None, "none", [], "")
+        if ctx.needs_input_grad[1]:
+            gw = _ONEDNN_LINEAR(grad.t(), x.t(), None, "none", [], "")
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = grad.sum(0)
+        return gx, gw, gb
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, state-dict keys and initialisation) whose fp32 CPU
+    product of a 2-D batch runs on oneDNN when :data:`ONEDNN_LINEAR` is on; anything else
+    (autocast, GPU, other dtypes or shapes) is ``nn.Linear``'s own path."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        if (ONEDNN_LINEAR["on"] and x.dim() == 2 and x.device.type == "cpu"
+                and x.dtype == torch.float32 and w.dtype == torch.float32
+                and not torch.is_autocast_enabled("cpu")):
+            return _OneDNNLinearFn.apply(x, w, self.bias)
+        return super().forward(x)
+
+
 def _mlp(sizes: list[int]) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        layers.append(nn.Linear(a, b))
+        layers.append(Linear(a, b))
         if i < len(sizes) - 2:
             layers.append(nn.ReLU())
     return nn.Sequential(*layers)
