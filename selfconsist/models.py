@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from .errors import CheckpointError, SelfconsistError
 from .validate import require_finite
@@ -114,6 +115,7 @@ class _OneDNNLinearFn(torch.autograd.Function):
         return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
 
     @staticmethod
+    @once_differentiable  # no double backward: an error, never a silently wrong second derivative
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         x, weight = ctx.saved_tensors
         gx = gw = gb = None
