@@ -95,6 +95,11 @@ _ONEDNN_LINEAR = _onednn_linear_op()
 #: the MLP's shapes and oneDNN 100–150 (docs/performance.md); elsewhere it is at worst a
 #: different gemm of the same product. :func:`use_onednn_linear` switches it (the benchmarks).
 ONEDNN_LINEAR = {"on": _ONEDNN_LINEAR is not None}
+#: The smallest product (batch × in × out multiply-adds) that goes to oneDNN: below it the
+#: custom autograd node's overhead outweighs the faster gemm (on the dev machine oneDNN was
+#: 0.5–0.9× MKL per layer for products under ~1.5 M, 1.1–2× above 2.5 M; docs/performance.md),
+#: so the bundled digits VAE (at most 128×96×96) keeps PyTorch's default path.
+ONEDNN_MIN_MACS = 1 << 21
 
 
 def use_onednn_linear(on: bool) -> bool:
@@ -130,13 +135,15 @@ class _OneDNNLinearFn(torch.autograd.Function):
 
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters, state-dict keys and initialisation) whose fp32 CPU
-    product of a 2-D batch runs on oneDNN when :data:`ONEDNN_LINEAR` is on; anything else
-    (autocast, GPU, other dtypes or shapes) is ``nn.Linear``'s own path."""
+    product of a 2-D batch runs on oneDNN when :data:`ONEDNN_LINEAR` is on and the product has
+    at least :data:`ONEDNN_MIN_MACS` multiply-adds; anything else (small products, autocast,
+    GPU, other dtypes or shapes) is ``nn.Linear``'s own path."""
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
         if (ONEDNN_LINEAR["on"] and x.dim() == 2 and x.device.type == "cpu"
                 and x.dtype == torch.float32 and w.dtype == torch.float32
+                and x.shape[0] * w.shape[0] * w.shape[1] >= ONEDNN_MIN_MACS
                 and not torch.is_autocast_enabled("cpu")):
             return _OneDNNLinearFn.apply(x, w, self.bias)
         return super().forward(x)
