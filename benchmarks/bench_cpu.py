@@ -10,8 +10,14 @@ conv, 3×64×64, channels 64/128/128; batch 8), times the tune step (``posthoc_t
 * ``fp32``: eager fp32, fused Adam, as ``tune`` builds it now;
 * ``fast``: bf16 autocast (CPUs with bf16 units only), fused Adam, channels_last for the conv.
 
+``--linear default`` runs the built-in models' fp32 linear layers on PyTorch's default gemm
+(MKL) instead of oneDNN (``models.Linear``); ``--malloc default`` leaves glibc's allocator as
+it is. Both are how tune and train ran before issue 22; by default the benchmark runs as they
+do now (oneDNN, and ``runtime.keep_freed_memory`` first).
+
 FLOPs per step come from ``torch.utils.flop_counter`` (matmuls and convs); the peak is the best
-single-thread 1024² sgemm (and bf16 gemm) rate, measured in the same process so the ratio is
+single-thread 1024² sgemm (and bf16 gemm) rate of PyTorch's default gemm, and oneDNN's fp32 rate
+(``of_best_fp32_gemm_peak`` divides by the faster of the two), measured in the same process so the ratio is
 robust to the machine's load.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_cpu.py
@@ -37,6 +43,36 @@ def gemm_peak(dtype: torch.dtype, n: int = 1024, reps: int = 10) -> float:
         a @ b
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best / 1e9
+
+
+def onednn_gemm_peak(n: int = 1024, reps: int = 10) -> float | None:
+    """Best GFLOP/s of oneDNN's fp32 n×n×n product (what ``models.Linear`` runs), or None."""
+    from selfconsist.models import _ONEDNN_LINEAR as op
+
+    if op is None:
+        return None
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    op(a, b, None, "none", [], "")
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        op(a, b, None, "none", [], "")
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def count_flops(step, onednn: bool) -> int:
+    """FLOPs of one step, counted on PyTorch's default gemm (the counter does not see oneDNN's
+    op; the products are the same), then the chosen path restored."""
+    from selfconsist.models import use_onednn_linear
+
+    use_onednn_linear(False)
+    try:
+        with FlopCounterMode(display=False) as fc:
+            step()
+    finally:
+        use_onednn_linear(onednn)
+    return fc.get_total_flops()
 
 
 def make_step(vae, batch: int, precision: str, fused: bool):
@@ -133,14 +169,31 @@ def time_step(step, reps: int) -> float:
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--malloc", choices=("keep", "default"), default="keep",
+                   help="keep: glibc keeps freed memory, as tune and train set it "
+                   "(runtime.keep_freed_memory); default: glibc's own behaviour (train and tune "
+                   "before issue 22)")
+    p.add_argument("--linear", choices=("onednn", "default"), default="onednn",
+                   help="onednn: built-in models' fp32 CPU linear layers on oneDNN, as tune and "
+                   "train run them; default: PyTorch's default gemm (MKL; before issue 22)")
     args = p.parse_args(argv)
     from selfconsist.adapters.builtin import BuiltinVAE
-    from selfconsist.models import ModelConfig
-    from selfconsist.runtime import cpu_has_bf16
+    from selfconsist.models import ModelConfig, use_onednn_linear
+    from selfconsist.runtime import cpu_has_bf16, keep_freed_memory
+
+    kept = keep_freed_memory(torch.device("cpu")) if args.malloc == "keep" else False
+    onednn = use_onednn_linear(args.linear == "onednn")
+    print(json.dumps({"malloc": args.malloc, "kept_freed_memory": kept, "onednn_linear": onednn}),
+          flush=True)
 
     torch.manual_seed(0)
     peak32 = gemm_peak(torch.float32)
     peak16 = gemm_peak(torch.bfloat16) if cpu_has_bf16() else None
+    peak_dnnl = onednn_gemm_peak()
+    best32 = max(peak32, peak_dnnl or 0.0)
+    print(json.dumps({"gemm_peak_fp32_default": round(peak32, 1),
+                      "gemm_peak_fp32_onednn": round(peak_dnnl, 1) if peak_dnnl else None,
+                      "gemm_peak_bf16": round(peak16, 1) if peak16 else None}), flush=True)
     models = {
         "mlp": (ModelConfig(data_shape=(3, 28, 28), latent_dim=64, hidden=200), 128),
         "conv": (ModelConfig(arch="conv", data_shape=(3, 64, 64), latent_dim=64,
@@ -155,38 +208,36 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 vae.encoder.to(memory_format=torch.channels_last)
                 vae.decoder.to(memory_format=torch.channels_last)
             step = make_step(vae, batch, precision, fused=path != "fp32-unfused")
-            with FlopCounterMode(display=False) as fc:
-                step()
-            flops = fc.get_total_flops()
+            flops = count_flops(step, onednn)
             secs = time_step(step, args.reps)
             gflops = flops / secs / 1e9
             rows.append({"model": name, "path": path, "precision": precision, "batch": batch,
                          "ms_per_step": round(1e3 * secs, 2), "gflops": round(gflops, 1),
                          "of_fp32_gemm_peak": round(gflops / peak32, 3),
+                         "of_best_fp32_gemm_peak": round(gflops / best32, 3),
+                         "of_bf16_gemm_peak": round(gflops / peak16, 3) if peak16 else None,
                          "gemm_peak_fp32": round(peak32, 1),
                          "gemm_peak_bf16": round(peak16, 1) if peak16 else None,
                          "threads": torch.get_num_threads()})
             print(json.dumps(rows[-1]), flush=True)
     step = make_minimal_step(BuiltinVAE(models["mlp"][0]), 128)
-    with FlopCounterMode(display=False) as fc:
-        step()
-    flops = fc.get_total_flops()
+    flops = count_flops(step, onednn)
     secs = time_step(step, args.reps)
     rows.append({"model": "mlp", "path": "tune floor: minimal hand-written loop, fp32", "batch": 128,
                  "ms_per_step": round(1e3 * secs, 2), "gflops": round(flops / secs / 1e9, 1),
-                 "of_fp32_gemm_peak": round(flops / secs / 1e9 / peak32, 3)})
+                 "of_fp32_gemm_peak": round(flops / secs / 1e9 / peak32, 3),
+                 "of_best_fp32_gemm_peak": round(flops / secs / 1e9 / best32, 3)})
     print(json.dumps(rows[-1]), flush=True)
     for name, adam in (("train fp32, default Adam (as train ran before)", {}),
                        ("train fp32, foreach Adam", {"foreach": True}),
                        ("train fp32, fused Adam (as train builds it)", {"fused": True})):
         step = make_train_step(adam)
-        with FlopCounterMode(display=False) as fc:
-            step()
-        flops = fc.get_total_flops()
+        flops = count_flops(step, onednn)
         secs = time_step(step, args.reps)
         rows.append({"model": "mlp", "path": name, "batch": 64, "ms_per_step": round(1e3 * secs, 2),
                      "gflops": round(flops / secs / 1e9, 1),
-                     "of_fp32_gemm_peak": round(flops / secs / 1e9 / peak32, 3)})
+                     "of_fp32_gemm_peak": round(flops / secs / 1e9 / peak32, 3),
+                 "of_best_fp32_gemm_peak": round(flops / secs / 1e9 / best32, 3)})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from .errors import CheckpointError, SelfconsistError
 from .validate import require_finite
@@ -77,10 +78,81 @@ class ModelConfig:
         return cls(**d)
 
 
+def _onednn_linear_op() -> Any:
+    """oneDNN's dense fp32 linear (``torch.ops.mkldnn._linear_pointwise``), or None where this
+    PyTorch build lacks it."""
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return None
+        return torch.ops.mkldnn._linear_pointwise.default
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_ONEDNN_LINEAR = _onednn_linear_op()
+#: Whether built-in models run their fp32 CPU linear layers (forward and backward) on oneDNN.
+#: On the dev machine's AMD EPYC, PyTorch's default fp32 gemm (MKL) reaches ~60–90 GFLOP/s at
+#: the MLP's shapes and oneDNN 100–150 (docs/performance.md); elsewhere it is at worst a
+#: different gemm of the same product. :func:`use_onednn_linear` switches it (the benchmarks).
+ONEDNN_LINEAR = {"on": _ONEDNN_LINEAR is not None}
+#: The smallest product (batch × in × out multiply-adds) that goes to oneDNN: below it the
+#: custom autograd node's overhead outweighs the faster gemm (on the dev machine oneDNN was
+#: 0.5–0.9× MKL per layer for products under ~1.5 M, 1.1–2× above 2.5 M; docs/performance.md),
+#: so the bundled digits VAE (at most 128×96×96) keeps PyTorch's default path.
+ONEDNN_MIN_MACS = 1 << 21
+
+
+def use_onednn_linear(on: bool) -> bool:
+    """Route built-in models' fp32 CPU linear layers through oneDNN (``on``) or PyTorch's default
+    gemm; returns whether oneDNN is in use (False where the build has no oneDNN linear)."""
+    ONEDNN_LINEAR["on"] = bool(on) and _ONEDNN_LINEAR is not None
+    return ONEDNN_LINEAR["on"]
+
+
+class _OneDNNLinearFn(torch.autograd.Function):
+    """y = x Wᵀ + b on oneDNN, with the two backward products on oneDNN too:
+    ∂x = ∂y W and ∂W = ∂yᵀ x (each only where its input needs a gradient), ∂b = Σ_batch ∂y."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+
+    @staticmethod
+    @once_differentiable  # no double backward: an error, never a silently wrong second derivative
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        x, weight = ctx.saved_tensors
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = _ONEDNN_LINEAR(grad, weight.t(), None, "none", [], "")
+        if ctx.needs_input_grad[1]:
+            gw = _ONEDNN_LINEAR(grad.t(), x.t(), None, "none", [], "")
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = grad.sum(0)
+        return gx, gw, gb
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, state-dict keys and initialisation) whose fp32 CPU
+    product of a 2-D batch runs on oneDNN when :data:`ONEDNN_LINEAR` is on and the product has
+    at least :data:`ONEDNN_MIN_MACS` multiply-adds; anything else (small products, autocast,
+    GPU, other dtypes or shapes) is ``nn.Linear``'s own path."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        if (ONEDNN_LINEAR["on"] and x.dim() == 2 and x.device.type == "cpu"
+                and x.dtype == torch.float32 and w.dtype == torch.float32
+                and x.shape[0] * w.shape[0] * w.shape[1] >= ONEDNN_MIN_MACS
+                and not torch.is_autocast_enabled("cpu")):
+            return _OneDNNLinearFn.apply(x, w, self.bias)
+        return super().forward(x)
+
+
 def _mlp(sizes: list[int]) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        layers.append(nn.Linear(a, b))
+        layers.append(Linear(a, b))
         if i < len(sizes) - 2:
             layers.append(nn.ReLU())
     return nn.Sequential(*layers)

@@ -42,6 +42,7 @@ from .runtime import (
     adam,
     check_finite,
     current_stop,
+    keep_freed_memory,
     nonfinite_stop,
     resolve_device,
     stoppable,
@@ -124,6 +125,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, overwrite:
         raise SelfconsistError(f"{out} exists; pass --overwrite to replace it")
     state_file = state_path_for(out)
     device = resolve_device(cfg.device)
+    keep_freed_memory(device)  # no page faults for each step's buffers on CPU
 
     data = data if data is not None else load_dataset(cfg.data, seed=cfg.data_seed)
     x_all = data.x[: cfg.n_train] if cfg.n_train else data.x

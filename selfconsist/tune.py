@@ -56,6 +56,7 @@ from .runtime import (
     check_finite,
     cpu_fast_path,
     current_stop,
+    keep_freed_memory,
     log,
     nonfinite_stop,
     resolve_device,
@@ -237,6 +238,7 @@ class TuneRecipe:
         # torchrun: join the process group; rank 0 alone measures, prints and writes
         self.dist = distributed.setup(device)
         self.device = device = self.dist.place(device)
+        keep_freed_memory(device)  # no page faults for each step's buffers on CPU
         self.progress = self.progress and self.dist.is_main
         self.precision = resolve_precision(device, cfg.precision)  # auto → bf16 where it runs
         autocast(device, self.precision)  # validates precision against the device early

@@ -92,3 +92,30 @@ def test_bad_init_is_one_line() -> None:
     assert r.returncode == 2
     assert "--init must be one of" in r.stderr
     assert len([ln for ln in r.stderr.splitlines() if ln.strip()]) == 1
+
+
+def test_onednn_linear_matches_the_default_gemm_in_value_and_gradient() -> None:
+    """Built-in models' fp32 CPU linear layers on oneDNN (forward, ∂x, ∂W, ∂b) agree with
+    PyTorch's default gemm to float32 precision; switched off, the default path runs."""
+    from selfconsist import models
+
+    torch.manual_seed(0)
+    layer = models.Linear(300, 200)
+    x = torch.randn(64, 300, requires_grad=True)  # 3.8 M multiply-adds: on oneDNN
+    out = {}
+    was = models.ONEDNN_LINEAR["on"]
+    try:
+        for on in (False, True):
+            models.use_onednn_linear(on)
+            x.grad = layer.weight.grad = layer.bias.grad = None
+            y = layer(x)
+            (y * torch.linspace(-1, 1, 200)).pow(2).sum().backward()
+            out[on] = [t.detach().clone() for t in (y, x.grad, layer.weight.grad, layer.bias.grad)]
+    finally:
+        models.use_onednn_linear(was)
+    for a, b in zip(out[False], out[True], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * float(a.abs().max()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast keeps nn.Linear's own path
+        assert layer(x).dtype == torch.bfloat16
+    assert type(layer(x).grad_fn).__name__ == "_OneDNNLinearFnBackward" or not was
+    assert type(layer(x[:8]).grad_fn).__name__ == "AddmmBackward0"  # too small for oneDNN

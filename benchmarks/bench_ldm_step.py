@@ -1,0 +1,91 @@
+"""Model passes per step and steps/s of ``tune`` on a latent-diffusion VAE, per recipe.
+
+Builds the tune run as ``selfconsist tune`` does (``TuneRecipe.setup``, the family's defaults
+plus the given settings), skips the before/after measurement, and runs ``--steps`` optimiser
+steps. Every encoder and decoder call of the tuned model and of the frozen base copy is counted
+in units of one batch (an encoder call on 2B images counts 2), forward passes only, split into
+calls with and without gradient; the backward passes come on top of the ones with gradient.
+
+Recipes: ``diffusers`` (the family's defaults: the cycle objective, pixel space, refine 2,
+anchor 10 on perturbed samples) and ``avae`` (the AVAE recipe: ``--objective avae`` with the
+generic λ_rec 5, no refinement, no anchor).
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_ldm_step.py examples/ldm/sdclass-vae --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import Counter
+from typing import Any
+
+import torch
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "diffusers": {},
+    "avae": {"objective": "avae", "prior_refine": 0, "anchor": 0.0, "lambda_rec": 5.0},
+}
+
+
+def count_passes(adapter: Any, name: str, counter: Counter, batch: int) -> None:
+    """Wrap ``adapter.encode``/``decode`` so each call adds its batch share to ``counter``."""
+    for kind in ("encode", "decode"):
+        inner = getattr(adapter, kind)
+
+        def wrapped(t, _inner=inner, _kind=kind):
+            grad = "grad" if torch.is_grad_enabled() else "no grad"
+            counter[f"{name} {_kind} ({grad})"] += t.shape[0] / batch
+            return _inner(t)
+
+        setattr(adapter, kind, wrapped)
+
+
+def run(model: str, recipe: str, steps: int, image_size: int | None, precision: str) -> dict[str, Any]:
+    import selfconsist
+    from selfconsist.tune import TuneConfig, TuneRecipe, resolve_config
+
+    vae = selfconsist.load(model, image_size=image_size) if image_size else selfconsist.load(model)
+    cfg = TuneConfig(device="cpu", precision=precision, steps=steps, **RECIPES[recipe])
+    settings = resolve_config(vae, cfg)
+    r = TuneRecipe(vae, settings, None, resume=False, overwrite=False, progress=False, metadata=None)
+    r.setup()
+    counter: Counter = Counter()
+    batch = settings.config.batch_size
+    count_passes(r.vae, "tuned", counter, batch)
+    if r.base is not None:
+        count_passes(r.base, "base", counter, batch)
+    r.train_step()  # warm-up (not timed, not counted)
+    counter.clear()
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+        r.train_step()
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    passes = {k: round(v / steps, 2) for k, v in sorted(counter.items())}
+    return {"recipe": recipe, "objective": settings.config.objective, "batch": batch,
+            "image_size": list(vae.image_size) if hasattr(vae, "image_size") else None,
+            "precision": r.precision, "steps": steps, "passes_per_step": passes,
+            "forward_passes_per_step": round(sum(passes.values()), 2),
+            "with_grad_per_step": round(sum(v for k, v in passes.items() if "(grad)" in k), 2),
+            "steps_per_s": round(steps / wall, 3), "steps_per_cpu_s": round(steps / cpu, 3),
+            "threads": torch.get_num_threads()}
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("model", nargs="?", default="examples/ldm/sdclass-vae")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    p.add_argument("--recipes", default="diffusers,avae")
+    args = p.parse_args(argv)
+    rows = []
+    for recipe in args.recipes.split(","):
+        rows.append(run(args.model, recipe, args.steps, args.image_size, args.precision))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
