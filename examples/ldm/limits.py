@@ -105,7 +105,7 @@ def plot(records: list[Path], out: Path) -> None:
         ax.axhline(0.5, color="#999", lw=0.8, ls=":")
         ax.set_xlabel("tuning step")
         ax.grid(alpha=0.3)
-        ax.set_ylim(0, 1.1)
+        ax.set_ylim(0, max(1.1, ax.get_ylim()[1]))
     axes[0].legend(fontsize=7, loc="lower left")
     fig.suptitle("SD-class testbed, pixel idempotence on the user crops: the encoder learns where it "
                  "trains, and less of it carries to held-out photos", fontsize=9)
