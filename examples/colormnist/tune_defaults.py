@@ -27,19 +27,21 @@ from selfconsist import metrics as M  # noqa: E402
 from selfconsist.data import load_dataset  # noqa: E402
 from selfconsist.tune import TuneConfig  # noqa: E402
 
-# The screen of issue 21 (new init): the old defaults, ρ closer to 1, a sharper likelihood, a
-# longer or faster run, and the cycle objective. Labels are stable: each names its model file.
+# The screen of issue 21 (new init): the shipped defaults (v lowered to 10× the model's own
+# round-trip error), the old ones (v = the model's 0.05), and around the old ones ρ closer to 1,
+# a sharper likelihood, a longer or faster run, and the cycle objective. Each setting's
+# overrides (and the tune seed) name its model file, so a rerun reuses what exists.
 SETTINGS: dict[str, dict] = {
     "defaults (λ_rec 5, cosine, 5000 steps, lr 1e-4, ρ 0.975, v ≤ 10·e₀)": {},
     "old defaults (v = the model's 0.05)": {"obs_var_ratio": 0.0},
-    "ρ 0.99": {"rho": 0.99},
-    "ρ 0.995": {"rho": 0.995},
-    "cycle (pixel), 5000 steps, lr 1e-4": {"objective": "cycle"},
-    "λ_rec 10": {"lambda_rec": 10.0},
-    "10000 steps": {"steps": 10000},
-    "lr 3e-4": {"lr": 3e-4},
-    "cycle (latent), 5000 steps, lr 1e-4": {"objective": "cycle", "cycle_space": "latent"},
-    "λ_rec 1 (the faithful bound)": {"lambda_rec": 1.0},
+    "ρ 0.99, v 0.05": {"rho": 0.99, "obs_var_ratio": 0.0},
+    "ρ 0.995, v 0.05": {"rho": 0.995, "obs_var_ratio": 0.0},
+    "cycle (pixel), 5000 steps, lr 1e-4, v 0.05": {"objective": "cycle", "obs_var_ratio": 0.0},
+    "λ_rec 10, v 0.05": {"lambda_rec": 10.0, "obs_var_ratio": 0.0},
+    "10000 steps, v 0.05": {"steps": 10000, "obs_var_ratio": 0.0},
+    "lr 3e-4, v 0.05": {"lr": 3e-4, "obs_var_ratio": 0.0},
+    "cycle (latent), 5000 steps, lr 1e-4, v 0.05":
+        {"objective": "cycle", "cycle_space": "latent", "obs_var_ratio": 0.0},
 }
 
 
@@ -93,8 +95,11 @@ def main() -> None:
             common.log(f"tuned {label} in {time.time() - t:.0f}s")
         if args.seed:
             label = f"{label}, tune seed {args.seed}"
-        models.update(common.run_eval(path, out / f"eval_s{args.base_seed}_{slug}", args.mnist,
-                                      name=label, figures=False))
+        ev = out / f"eval_s{args.base_seed}_{slug}"
+        if (ev / "metrics.json").exists():  # measured before: the eval is deterministic
+            models[label] = next(iter(json.loads((ev / "metrics.json").read_text())["models"].values()))
+        else:
+            models.update(common.run_eval(path, ev, args.mnist, name=label, figures=False))
         common.write_json(out / f"defaults.s{args.base_seed}.t{args.seed}.json", models)
         checks = common.check_targets(models["VAE"], models[label])
         notes.append(f"- **{label}**: " + "; ".join(

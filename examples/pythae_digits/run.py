@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 import selfconsist
+from selfconsist.report import responsive_kept
 from selfconsist.tune import TuneConfig
 
 logging.getLogger("pythae").setLevel(logging.WARNING)
@@ -104,7 +105,8 @@ def tune_and_measure(base: Path, out: Path, cfg: TuneConfig, base_rt: tuple[floa
     return {"settings": sw or "defaults", "obs_var_used": res.obs_var, "obs_var_source":
             res.settings.sources.get("obs_var"), "roundtrip": rt, "ratio": rt[0] / base_rt[0],
             "significant": abs(rt[0] - base_rt[0]) > 2 * math.hypot(rt[1], base_rt[1]),
-            "advice": res.advice, "seconds": round(time.time() - t, 1)}
+            "advice": res.advice, "seconds": round(time.time() - t, 1),
+            "responsive": responsive_kept(res.before, res.after)}
 
 
 def main() -> None:
@@ -115,6 +117,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--steps", type=int, default=None, help="tune steps (default: the shipped one)")
     ap.add_argument("--obs-var", nargs="*", type=float, default=[], help="also tune at these v")
+    ap.add_argument("--old-defaults", action="store_true",
+                    help="also tune with v = the model's (--obs-var-ratio 0), and follow its advice")
+    ap.add_argument("--results", default="results", help="stem of the results files")
     args = ap.parse_args()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -127,22 +132,30 @@ def main() -> None:
             row = {"model": kind, "seed": seed, "kl": data_kl(base), "base_roundtrip": base_rt, "runs": []}
             extra = {"steps": args.steps} if args.steps else {}
             runs = [("defaults", TuneConfig(device="cpu", **extra))]
+            if args.old_defaults:  # v = the model's (before issue 21): the advice line's case
+                runs.append(("v=model's", TuneConfig(device="cpu", obs_var_ratio=0, **extra)))
             runs += [(f"v={v:g}", TuneConfig(device="cpu", obs_var=v, **extra)) for v in args.obs_var]
             for name, cfg in runs:
                 r = tune_and_measure(base, args.out / "tuned" / f"{slug}-{name}", cfg, base_rt)
                 row["runs"].append(r)
                 print(f"{kind} seed {seed} {name}: ×{r['ratio']:.3f} (v {r['obs_var_used']:.3g}, "
                       f"{r['obs_var_source']}) advice={r['advice']!r} {r['seconds']}s", flush=True)
-                if name == "defaults" and r["advice"]:
+                if r["advice"]:
                     opts = advised_options(r["advice"])
-                    r2 = tune_and_measure(base, args.out / "tuned" / f"{slug}-advised", TuneConfig(
-                        device="cpu", **opts, **extra), base_rt)
-                    r2["settings"] = f"advised: {opts}"
+                    r2 = tune_and_measure(base, args.out / "tuned" / f"{slug}-{name}-advised",
+                                          TuneConfig(**{**cfg_overrides(cfg), **opts}),
+                                          base_rt)
+                    r2["settings"] = f"{name} + advised {opts}"
                     row["runs"].append(r2)
                     print(f"  advised {opts}: ×{r2['ratio']:.3f}", flush=True)
             rows.append(row)
-            (args.out / "results.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
-    write_md(args.out / "results.md", rows)
+            (args.out / f"{args.results}.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
+    write_md(args.out / f"{args.results}.md", rows)
+
+
+def cfg_overrides(cfg: TuneConfig) -> dict:
+    """What ``cfg`` sets (so the advised run keeps the rest of the run it follows)."""
+    return selfconsist.settings.given(cfg)
 
 
 def advised_options(advice: str) -> dict:
@@ -165,6 +178,8 @@ def write_md(path: Path, rows: list[dict]) -> None:
                          f"{'yes' if run['significant'] else 'no'} |")
             if run["advice"]:
                 lines.append(f"|  |  |  |  | advice: {run['advice']} |  |  |  |  |")
+            if run.get("responsive") and "LOST" in run["responsive"]:
+                lines.append(f"|  |  |  |  | {run['responsive']} |  |  |  |  |")
     path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
