@@ -244,9 +244,9 @@ ADVICE_BELOW = 0.10
 
 def advice_line(cfg: TuneConfig, vae: VAEAdapter, obs_var: float, before: dict[str, Any],
                 after: dict[str, Any]) -> str | None:
-    """One line when the sample round trip fell by less than 10% or within its noise: says so
-    and names the option to try (docs/results-pythae.md shows that it works). None otherwise."""
-    from .report import BETTER, verdict
+    """One line when the sample round trip fell by less than 10%, within its noise or rose:
+    says so and names the option to try (docs/results-pythae.md shows that it works). None otherwise."""
+    from .report import BETTER, WORSE, verdict
 
     key = "sample_roundtrip_mse"
     if key not in before or key not in after:
@@ -254,7 +254,7 @@ def advice_line(cfg: TuneConfig, vae: VAEAdapter, obs_var: float, before: dict[s
     v = verdict(key, before[key], after[key])
     if v.verdict == BETTER and v.after <= (1 - ADVICE_BELOW) * v.before:
         return None
-    how = ("within noise" if v.verdict != BETTER else "by under 10%")
+    how = {BETTER: "by under 10%", WORSE: "for the worse"}.get(v.verdict, "within noise")
     what = f"tune: the sample round trip changed {v.change_text()} ({how}); "
     if cfg.objective == "avae" and vae.likelihood == "gaussian":
         suggest = float(f"{min(obs_var / 10, 2.0 * v.before):.1g}")  # one significant digit

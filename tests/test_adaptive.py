@@ -51,6 +51,7 @@ def test_advice_only_when_the_round_trip_did_not_clearly_fall():
     assert line is not None and "under 10%" in line
     assert "--obs-var 0.02" in line
     assert "--obs-var 0.1" in advice_line(cfg, _Model(), 1.0, _fig(0.5), _fig(0.5))  # v/10 < 2·e₀
+    assert "for the worse" in advice_line(cfg, _Model(), 1.0, _fig(0.01, 1e-4), _fig(0.2, 1e-3))
     bern = _Model()
     bern.likelihood = "bernoulli"
     assert "--lambda-rec 20" in advice_line(cfg, bern, 1.0, _fig(0.01), _fig(0.01))

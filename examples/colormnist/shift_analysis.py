@@ -75,11 +75,13 @@ def analyse(vae, x, eps, responsive):
               ).clamp(*vae.data_range)
         dr = (whitened(vae, xr) - mu).double().pow(2)
     num, den = float(d.sum(1).mean()), float(2 * var.sum())
-    out = {"active units": int(active.sum()), "shift (numerator) E‖Δμ̂‖²": num,
+    out = {"active units (Var μ̂ > 0.01 on these images)": int(active.sum()), "shift (numerator) E‖Δμ̂‖²": num,
            "spread (denominator) 2ΣVar μ̂": den, "normalised shift (eval's figure)": num / den}
     for name, m in groups.items():
-        out[f"share of the shift in {name} elements ({int(m.sum())})"] = float(d[:, m].sum(1).mean()) / num
+        out[f"{name} elements (responsive: of the base decoder; active: Var μ̂ > 0.01)"] = int(m.sum())
+        out[f"share of the shift in {name} elements"] = float(d[:, m].sum(1).mean()) / num
         out[f"share of the spread in {name} elements"] = float(2 * var[m].sum()) / den
+        out[f"shift in {name} elements, E Σ Δμ̂ᵢ² over them"] = float(d[:, m].sum(1).mean())
     out["per-element normalised shift, active elements, E Σ Δμ̂ᵢ²/(2 Var μ̂ᵢ)"] = float(
         (d[:, active] / (2 * var[active])).sum(1).mean())
     xr_resp = attack(vae, x, eps, mask=responsive)
@@ -101,14 +103,16 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=500, help="held-out images attacked")
     ap.add_argument("--eps", type=float, default=0.1)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--names", nargs="*", help="column names of the tuned models")
     args = ap.parse_args()
     torch.set_num_threads(1)
     x = load_dataset(common.data_spec(args.mnist)).x[common.N_TRAIN:][: args.n]
     base = selfconsist.load(args.base)
     responsive = M.responsive_elements(base, torch.Generator().manual_seed(0))
     cols = {"VAE": analyse(base, x, args.eps, responsive)}
-    for t in args.tuned:
-        cols[t.name] = analyse(selfconsist.load(t), x, args.eps, responsive)
+    for i, t in enumerate(args.tuned):
+        name = args.names[i] if args.names and i < len(args.names) else t.name
+        cols[name] = analyse(selfconsist.load(t), x, args.eps, responsive)
     names = list(cols)
     print(f"| figure (ε = {args.eps:g}, {args.n} held-out images) | " + " | ".join(names) + " |")
     print("|---" * (len(names) + 1) + "|")
