@@ -89,7 +89,13 @@ class TuneConfig:
     lambda_rec: float | None = setting(5.0, "avae: weight of log p(x|z) on model samples; 1 is the "
                                        "AVAE bound, 0 is cheaper.", _OBJ)
     obs_var: float | None = setting(None, "Observation variance v of the likelihood (default: the "
-                                    "model's).", _OBJ)
+                                    "model's, lowered by --obs-var-ratio).", _OBJ)
+    # Adapts v to the model (issue 21): a nominal v far above the error tuning must see (pythae's
+    # mse loss means v = 1) leaves the likelihood blind to it; the evidence is in docs/results-pythae.md.
+    obs_var_ratio: float | None = setting(
+        10.0, "avae, Gaussian likelihood, no --obs-var: tune with v = min(v, K · e₀), e₀ the "
+        "model's own sample round-trip error per element measured before tuning; 0 keeps v.", _OBJ,
+        metavar="K")
     cycle_space: str | None = setting("pixel", "cycle: measure the re-encoding error in pixels, "
                                       "‖g(μ(g(z))) − g(z)‖²/v, or in latents, ‖μ(g(z)) − z‖²/s².",
                                       _OBJ, choices=("pixel", "latent"))
@@ -133,7 +139,8 @@ class TuneConfig:
         v = self
         if v.rho is not None and not 0.0 < v.rho < 1.0:
             raise SelfconsistError(f"--rho must lie in (0, 1), got {v.rho}")
-        for name in ("lambda_rec", "prior_refine", "anchor", "anchor_noise", "cycle_depth", "warmup_steps"):
+        for name in ("lambda_rec", "prior_refine", "anchor", "anchor_noise", "cycle_depth", "warmup_steps",
+                     "obs_var_ratio"):
             if getattr(v, name) is not None and getattr(v, name) < 0:
                 raise SelfconsistError(f"--{name.replace('_', '-')} must be ≥ 0")
         for name in ("steps", "batch_size", "save_every", "eval_samples", "lr", "obs_var"):
@@ -152,8 +159,9 @@ class TuneConfig:
 
 #: Settings of the bundled example (``selfconsist tune`` with no model): 1500 steps (~10 s on a
 #: laptop CPU) with observation noise on the model samples. Without the noise, on this small
-#: digits VAE, every robustness figure got worse (docs/results-digits.md).
-EXAMPLE_SETTINGS: dict[str, Any] = {"steps": 1500, "sample_noise": True}
+#: digits VAE, every robustness figure got worse (docs/results-digits.md). Its v stays the
+#: model's 0.05 (the setting docs/results-demo.md measured; the noise is drawn at that v).
+EXAMPLE_SETTINGS: dict[str, Any] = {"steps": 1500, "sample_noise": True, "obs_var_ratio": 0.0}
 
 
 def resolve_config(vae: VAEAdapter | None, cfg: TuneConfig | None = None, *,
@@ -191,6 +199,10 @@ class TuneResult:
     model: Any = None
     #: Every setting that ran, and where it came from (default, family, example, option).
     settings: Resolved | None = None
+    #: The observation variance v the likelihood used (after --obs-var-ratio).
+    obs_var: float | None = None
+    #: One line when the sample round trip did not improve clearly, naming the option to try.
+    advice: str | None = None
 
 
 def lr_factor(step: int, cfg: TuneConfig) -> float:
@@ -211,6 +223,47 @@ def latent_shift(mu_base: Tensor, mu_tuned: Tensor) -> dict[str, float]:
     per = latent_shift_per_image(mu_base, mu_tuned, channel_std(mu_base))
     se = float(per.std() / math.sqrt(per.numel())) if per.numel() > 1 else float("nan")
     return {"value": float(per.mean()), "stderr": se}
+
+
+def adapted_obs_var(cfg: TuneConfig, vae: VAEAdapter, before: dict[str, Any]) -> float:
+    """The v the likelihood uses: ``--obs-var`` if given; else, for the avae objective, the
+    model's v lowered to K·e₀ (K = ``obs_var_ratio``, e₀ the sample round-trip error per
+    element before tuning) when it is larger. A v that high weighs the very error tuning should remove at almost
+    nothing against the KL and coupling terms, and the round trip does not move."""
+    if cfg.obs_var is not None:
+        return float(cfg.obs_var)
+    v = float(vae.obs_var)
+    e0 = float(before.get("sample_roundtrip_mse", {}).get("value", math.nan))
+    if cfg.objective != "avae" or vae.likelihood != "gaussian" or not cfg.obs_var_ratio or not e0 > 0:
+        return v  # (the cycle loss is scaled by 1/v only: v would reweigh it against its anchor)
+    return min(v, cfg.obs_var_ratio * e0)
+
+
+#: A round trip that falls by less than this share (or within its noise) earns the advice line.
+ADVICE_BELOW = 0.10
+
+
+def advice_line(cfg: TuneConfig, vae: VAEAdapter, obs_var: float, before: dict[str, Any],
+                after: dict[str, Any]) -> str | None:
+    """One line when the sample round trip fell by less than 10%, within its noise or rose:
+    says so and names the option to try (docs/results-pythae.md shows that it works). None otherwise."""
+    from .report import BETTER, WORSE, verdict
+
+    key = "sample_roundtrip_mse"
+    if key not in before or key not in after:
+        return None
+    v = verdict(key, before[key], after[key])
+    if v.verdict == BETTER and v.after <= (1 - ADVICE_BELOW) * v.before:
+        return None
+    how = {BETTER: "by under 10%", WORSE: "for the worse"}.get(v.verdict, "within noise")
+    what = f"tune: the sample round trip changed {v.change_text()} ({how}); "
+    if cfg.objective == "avae" and vae.likelihood == "gaussian":
+        suggest = float(f"{min(obs_var / 10, 2.0 * v.before):.1g}")  # one significant digit
+        return what + (f"try --obs-var {suggest:g} (this run used v = {obs_var:.3g}; the model's "
+                       f"own round-trip error is {v.before:.2g} per element)")
+    if cfg.objective == "avae":
+        return what + f"try --lambda-rec {4 * cfg.lambda_rec:g} (a sharper likelihood on the samples)"
+    return what + f"try --lr {3 * cfg.lr:g} or --steps {2 * cfg.steps}"
 
 
 def measurement_plan(vae: VAEAdapter, cfg: TuneConfig) -> MeasurementPlan:
@@ -246,7 +299,7 @@ class TuneRecipe:
         vae.set_prior(cfg.prior)
         vae.freeze_decoder()
         vae.set_encoder_mode(False)  # dropout/normalisation statistics stay as trained
-        self.obs_var = cfg.obs_var if cfg.obs_var is not None else vae.obs_var
+        self.obs_var = cfg.obs_var if cfg.obs_var is not None else vae.obs_var  # begin() adapts it
         self.input_sha = sha256_file(vae.source.path) if vae.source.path and Path(vae.source.path).exists() else None
         self.images = load_images(cfg.images, vae, cfg.fit) if cfg.images else None
         # The frozen base model refines prior draws, or is the anchor's reference off --images.
@@ -285,6 +338,16 @@ class TuneRecipe:
                 if self.images is not None:
                     self.mu_base = encode_batched(vae, self.images[:SHIFT_SAMPLES])[0]
         self.dist.broadcast_(self.params)  # the same start on every rank, as DDP would ensure
+        # v from the before-figures (rank 0 measured them; a resumed run restores them)
+        cfg = self.cfg
+        v = torch.tensor([adapted_obs_var(cfg, self.vae, self.before) if self.dist.is_main
+                          else 0.0], dtype=torch.float64, device=self.device)
+        self.dist.broadcast_([v])
+        self.obs_var = float(v.item())
+        if cfg.obs_var is None and self.obs_var != self.vae.obs_var:
+            log.info("tune: observation variance v = %.3g (the model's %.3g is above %g× its own "
+                     "round-trip error; --obs-var-ratio)", self.obs_var, self.vae.obs_var,
+                     cfg.obs_var_ratio)
         if not self.resume:
             self.save_state()
 
@@ -398,6 +461,7 @@ class TuneRecipe:
                                                     "latent_shift": shift}),
                 META_PREFIX + "world_size": str(self.dist.world_size),
                 META_PREFIX + "precision": self.precision,  # what ran (cfg says what was asked)
+                META_PREFIX + "obs_var": repr(self.obs_var),  # the v that ran (--obs-var-ratio)
                 **self.metadata}
         with signals.deferred():  # OUT is whole or absent; a signal now lets the run finish
             with atomic_output(self.out, overwrite=self.overwrite) as tmp:
@@ -435,13 +499,16 @@ class _BarTerms:
 @stoppable("tune")
 def tune(vae: VAEAdapter | Any, cfg: TuneConfig | None = None, out: str | Path | None = None, *,
          resume: bool = False, overwrite: bool = False, progress: bool = True,
-         metadata: dict[str, str] | None = None, example: bool = False) -> TuneResult:
+         metadata: dict[str, str] | None = None, example: bool = False,
+         advise: bool = True) -> TuneResult:
     """Tune ``vae``'s encoder; write it to ``out`` if given.
 
     ``vae`` is anything :func:`selfconsist.load` takes. An adapter is tuned in place; a path
     or Hub id is loaded first; an in-memory diffusers or pythae model is tuned on a copy and
     never changed, and ``result.model`` is that tuned copy in the caller's dtype and device.
     Settings ``cfg`` leaves unset take the model family's defaults (``result.settings``).
+    When the sample round trip did not clearly improve, ``result.advice`` names the option to
+    try, and ``advise`` logs it as a warning (the CLI prints it after its table instead).
     """
     from .loading import as_adapter, native_like
 
@@ -466,5 +533,9 @@ def tune(vae: VAEAdapter | Any, cfg: TuneConfig | None = None, out: str | Path |
     after, shift = recipe.measure_after()
     if out is not None:
         recipe.save_checkpoint(after, shift)
+    advice = advice_line(recipe.cfg, vae, recipe.obs_var, recipe.before, after)
+    if advice and advise:
+        log.warning(advice)
     return TuneResult(vae=vae, before=recipe.before, after=after, out=out, latent_shift=shift,
-                      model=native_like(vae, given), settings=settings)
+                      model=native_like(vae, given), settings=settings, obs_var=recipe.obs_var,
+                      advice=advice)

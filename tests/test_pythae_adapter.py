@@ -7,7 +7,8 @@ A note on ``--obs-var 0.01`` below: a pythae VAE trained with ``mse`` has v = 1 
 ½‖x − g‖²). On 64-pixel digits that likelihood is so weak that tuning with it leaves the
 sample round trip where it was (measured: 0.00275 → 0.00275 per pixel), so the tests that
 check the round trip improves tune with v = 0.01, which gives 64 pixels the weight a
-larger image has at v = 1.
+larger image has at v = 1. Since issue 21 tune's defaults lower v to 10× the model's own
+round-trip error by themselves (``--obs-var-ratio``; docs/results-pythae.md).
 """
 
 from __future__ import annotations
@@ -253,6 +254,18 @@ def test_every_supported_model_tunes_and_reloads_in_pythae(tmp_path, config_name
 
 
 # --- tuning a trained model ------------------------------------------------------------------
+
+def test_defaults_adapt_v_to_the_model_and_the_declared_v_ends_with_advice(vae_folder):
+    """Issue 21: at v = 1 (as pythae's mse declares) the round trip barely moves and the run
+    says what to try; at the defaults v is lowered to 10·e₀ and the round trip falls."""
+    fast = dict(steps=100, batch_size=32, eval_samples=256, device="cpu")  # lr 1e-4, as shipped
+    res = tune(selfconsist.load(vae_folder), TuneConfig(obs_var_ratio=0, **fast), progress=False)
+    assert res.obs_var == 1.0 and res.advice is not None and "--obs-var" in res.advice
+    res = tune(selfconsist.load(vae_folder), TuneConfig(**{**fast, "lr": 1e-3}), progress=False)
+    before = res.before["sample_roundtrip_mse"]["value"]
+    assert res.obs_var == pytest.approx(10 * before)
+    assert res.after["sample_roundtrip_mse"]["value"] < 0.8 * before and res.advice is None
+
 
 def test_tune_trained_vae_in_python(tmp_path, vae_folder):
     sha = _folder_sha(vae_folder)

@@ -104,12 +104,12 @@ def tune(
     command = "selfconsist tune " + shlex.join(args[1:] if args[:1] == ["tune"] else args)
     try:
         result = run(vae, cfg, out, resume=resume, overwrite=overwrite, progress=True,
-                     metadata={META_PREFIX + "command": command}, example=example)
+                     metadata={META_PREFIX + "command": command}, example=example, advise=False)
     finally:
         teardown()  # leave a torchrun process group (a no-op in a single process)
     if not is_main_process():  # torchrun: rank 0 prints and pushes
         return
-    _print_table(result.before, result.after, result.latent_shift)
+    _print_table(result.before, result.after, result.latent_shift, result.advice)
     typer.echo(str(out))
     if push_to_hub is not None:
         from ..hub import push_after_tune
@@ -128,10 +128,11 @@ TABLE_ORDER = ("sample_roundtrip_mse", "latent_roundtrip_corr_responsive", "cons
                "latent_roundtrip_corr")
 
 
-def _print_table(before: dict, after: dict, shift: dict | None = None) -> None:
+def _print_table(before: dict, after: dict, shift: dict | None = None, advice: str | None = None) -> None:
     """The before/after figures on stderr, fitting 80 columns: a summary (what improved, what
     got worse, the decoder-responsive elements), then two lines per metric (name and better
-    direction; before → after, change, verdict)."""
+    direction; before → after, change, verdict); last, the advice line of a run whose round
+    trip did not clearly improve."""
     from rich.console import Console
     from rich.text import Text
 
@@ -161,3 +162,5 @@ def _print_table(before: dict, after: dict, shift: dict | None = None) -> None:
         console.print(Text(f"      {shift['value']:.3f} ± {shift['stderr']:.2g} of the base "
                            "latents' standard deviation"))
     console.print(Text("  Real images: selfconsist eval MODEL --compare OUT --data IMAGES"))
+    if advice:
+        console.print(Text(advice, style="yellow"))
