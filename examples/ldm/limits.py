@@ -17,6 +17,10 @@ mean anchor on x_u), so that one can watch, every ``--every`` steps, three thing
 bound's z = argmin ‖g(z) − x‖²) would ask of the encoder, on the held-out crops: on a real image
 (the first encode) and on a decoded one (every later encode).
 
+``--distill W`` adds the teacher to the loop: the exact inversions z* of the user crops
+(computed once), the loss W·‖μ(x_u) − z*‖²/s² on the real crops plus the pixel idempotence at
+z₀ = z* (so the loop's latents are the teacher's, and every later encode must return a preimage).
+
 ``--size`` is the crop size the loop trains at (64 = the size it is measured at); ``--train
 last`` trains only the encoder's last block and output convolution (capacity/which layers).
 """
@@ -38,12 +42,15 @@ from selfconsist.realimage import cycle_metrics, invert_decoder, psnr_per_image
 HERE = Path(__file__).resolve().parent
 
 
-def crops(x: torch.Tensor, size: int, gen: torch.Generator, n: int) -> torch.Tensor:
+def crops(x: torch.Tensor, size: int, gen: torch.Generator, n: int,
+          z: torch.Tensor | None = None, f: int = 4) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """n random crops of ``size`` px (on the latent grid of factor ``f``), and of ``z`` alike."""
     idx = torch.randint(x.shape[0], (n,), generator=gen)
     if size >= x.shape[-1]:
-        return x[idx]
-    i, j = (int(v) for v in torch.randint(x.shape[-1] - size + 1, (2,), generator=gen))
-    return x[idx, :, i : i + size, j : j + size]
+        return x[idx], None if z is None else z[idx]
+    i, j = (int(v) * f for v in torch.randint((x.shape[-1] - size) // f + 1, (2,), generator=gen))
+    zc = None if z is None else z[idx, :, i // f : (i + size) // f, j // f : (j + size) // f]
+    return x[idx, :, i : i + size, j : j + size], zc
 
 
 @torch.no_grad()
@@ -85,11 +92,12 @@ def teacher(base, x: torch.Tensor) -> dict[str, float]:
 def plot(records: list[Path], out: Path) -> None:
     """Per record: the cycle MSE and the dB lost against steps, on the tuning crops and held out."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
     for rec, colour in zip(records, ("#36c", "#c44", "#2a7", "#a6c"), strict=False):
         d = json.loads(rec.read_text())
         steps = [r["step"] for r in d["probes"]]
@@ -104,12 +112,16 @@ def plot(records: list[Path], out: Path) -> None:
     for ax in axes:
         ax.axhline(0.5, color="#999", lw=0.8, ls=":")
         ax.set_xlabel("tuning step")
-        ax.grid(alpha=0.3)
-        ax.set_ylim(0, max(1.1, ax.get_ylim()[1]))
-    axes[0].legend(fontsize=7, loc="lower left")
+        ax.set_yscale("log")  # a run that diverges must not flatten the ones that learn
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.tick_params(axis="y", which="minor", labelsize=7)
+        ax.grid(alpha=0.3, which="both")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=3)
     fig.suptitle("SD-class testbed, pixel idempotence on the user crops: the encoder learns where it "
                  "trains, and less of it carries to held-out photos", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(out, dpi=110)
 
 
@@ -127,6 +139,7 @@ def main() -> None:
     ap.add_argument("--test", default="runs/ldm/test")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for the step (as the sweep)")
     ap.add_argument("--teacher", action="store_true", help="measure the inversion teacher, no training")
+    ap.add_argument("--distill", type=float, default=0.0, help="weight of the inversion teacher")
     ap.add_argument("--plot", type=Path, nargs="+", default=None, help="records to draw into --out (a PNG)")
     args = ap.parse_args()
     if args.plot:
@@ -170,19 +183,31 @@ def main() -> None:
         args.out.write_text(json.dumps(log, indent=1))
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    z_star = None
+    if args.distill > 0:
+        cache = args.out.parent / f"teacher_{Path(args.images).name}.pt"
+        if cache.exists():
+            z_star = torch.load(cache)
+        else:
+            t = time.time()
+            z_star = torch.cat([invert_decoder(base, xu[i : i + 16], base.encode(xu[i : i + 16]).mean.float())
+                                for i in range(0, len(xu), 16)])
+            torch.save(z_star, cache)
+            print(f"teacher latents of {len(xu)} crops: {time.time() - t:.0f} s", flush=True)
     record(0)
     t0 = time.time()
     for step in range(1, args.steps + 1):
-        xb = crops(xu, args.size, gen, args.batch)
+        xb, zb = crops(xu, args.size, gen, args.batch, z_star)
         with torch.autocast("cpu", torch.bfloat16, enabled=args.bf16):
             with torch.no_grad():
-                z0 = base.encode(xb).mean.float()
+                z0 = base.encode(xb).mean.float() if zb is None else zb
                 x = vae.decode(z0).float()
-            inp = torch.cat([x, xb]) if args.anchor > 0 else x
+            w, target = (args.distill, zb) if zb is not None else (args.anchor, z0)
+            inp = torch.cat([x, xb]) if w > 0 else x
             mean = vae.encode(inp).mean.float()
             loss = obj.pixel_idempotence(vae.decode(mean[: len(x)]).float(), x, 1.0).mean()
-            if args.anchor > 0:
-                loss = loss + args.anchor * obj.mean_anchor(mean[len(x):], z0, s).mean()
+            if w > 0:  # the anchor (target μ_base) or the teacher (target z*) on the real crops
+                loss = loss + w * obj.mean_anchor(mean[len(x):], target, s).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
