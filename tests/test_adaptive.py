@@ -55,7 +55,8 @@ def test_advice_only_when_the_round_trip_did_not_clearly_fall():
     bern = _Model()
     bern.likelihood = "bernoulli"
     assert "--lambda-rec 20" in advice_line(cfg, bern, 1.0, _fig(0.01), _fig(0.01))
-    assert "--lr" in advice_line(_cfg(objective="cycle"), _Model(), 1.0, _fig(0.01), _fig(0.01))
+    # the cycle objective's aim (real images' loops) is not the sample round trip: no advice
+    assert advice_line(_cfg(objective="cycle"), _Model(), 1.0, _fig(0.01), _fig(0.01)) is None
 
 
 @pytest.fixture(scope="module")
