@@ -300,7 +300,6 @@ class TuneRecipe:
         vae.set_prior(cfg.prior)
         vae.freeze_decoder()
         vae.set_encoder_mode(False)  # dropout/normalisation statistics stay as trained
-        self.obs_var = cfg.obs_var if cfg.obs_var is not None else vae.obs_var  # begin() adapts it
         self.input_sha = sha256_file(vae.source.path) if vae.source.path and Path(vae.source.path).exists() else None
         self.images = load_images(cfg.images, vae, cfg.fit) if cfg.images else None
         # The frozen base model refines prior draws, or is the anchor's reference off --images.
