@@ -27,7 +27,9 @@ def rows(root: Path, names: list[str]) -> tuple[dict, list[dict]]:
         if not cache.exists():
             continue
         m, r = json.loads(cache.read_text()), json.loads(rec.read_text())
-        row = {"name": name, "steps": r["settings"]["steps"], "seconds": r["seconds"],
+        steps = r["settings"]["steps"]
+        row = {"name": name, "seconds": r["seconds"],
+               "steps": f"{steps}" + (" (fp32)" if r["settings"].get("precision") == "fp32" else ""),
                "data": DATA[r["settings"].get("images")]}
         for p in ("", "pipe_"):
             row[p + "d_psnr"] = _v(m, p + "image_psnr" if p else "image_psnr") - _v(

@@ -12,7 +12,8 @@ Every figure is measured on the 100 held-out crops of the TEST photos (64 px, ne
 the VAE nor by tuning): single-pass PSNR, the dB lost between cycles 1 and 10 with posterior
 means and with posterior samples + uint8 between cycles (as pipelines run), and the latent
 shift against the base encoder in base-latent standard deviations. Tuning runs at 32 px (the
-testbed's training size; ``--fit tile`` keeps the user images' native scale), bf16 on this CPU.
+testbed's training size; ``--fit tile`` keeps the user images' native scale), bf16 on a CPU with
+bf16 units (the settings marked fp32 ran on one without).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ COMMON = {"steps": 1000, "batch_size": 8, "seed": 0, "save_every": 100_000, "pre
           "device": "cpu", "fit": "tile", "eval_samples": 64}
 AVAE = {"objective": "avae", "rho": 0.975, "lambda_rec": 5.0, "lr": 1e-4}
 CYC = {"objective": "cycle", "lr": 3e-4}
+FP32 = {"precision": "fp32"}
 
 #: name → settings on top of COMMON. The first block is the baseline recipes; the rest explore
 #: the cycle objective's levers (space, anchor, data, iterates, lr, steps).
@@ -73,6 +75,17 @@ SETTINGS: dict[str, dict] = {
     "cycle pixel, prior, anchor 10": {**CYC, "prior_refine": 0, "anchor": 10.0},
     "cycle latent, refine 2, anchor 10": {**CYC, "cycle_space": "latent", "prior_refine": 2, "anchor": 10.0},
     "cycle pixel, many images, anchor 10, lr 1e-3": {**CYC, "images": MANY, "anchor": 10.0, "lr": 1e-3},
+    # Fourth wave (after iterates, depth 3, were the best with --images): deeper iterates, and
+    # iterates with many images. In fp32: that session's machine (AVX2) had no bf16 units, so
+    # the first of these repeats the best bf16 setting in fp32 as the control.
+    "cycle pixel, images, depth 3, anchor 10, fp32": {**CYC, **FP32, "images": USER, "cycle_depth": 3,
+                                                       "anchor": 10.0},
+    "cycle pixel, refine 2, depth 3, anchor 10, fp32": {**CYC, **FP32, "prior_refine": 2, "cycle_depth": 3,
+                                                         "anchor": 10.0},
+    "cycle pixel, images, depth 9, anchor 10, fp32": {**CYC, **FP32, "images": USER, "cycle_depth": 9,
+                                                       "anchor": 10.0},
+    "cycle pixel, many images, depth 3, anchor 10, fp32": {**CYC, **FP32, "images": MANY, "cycle_depth": 3,
+                                                            "anchor": 10.0},
 }
 #: Longer runs: how the gain grows with the budget (started while the first wave ran, on the
 #: setting that the 300-step pilot and the issue's evidence favoured).
@@ -81,6 +94,10 @@ LONG: dict[str, dict] = {
     # the shipped data-free default, four times longer
     "cycle pixel, refine 2, anchor 10, 4000 steps": {**CYC, "prior_refine": 2, "anchor": 10.0, "steps": 4000},
     "cycle pixel, many images, anchor 10, 4000 steps": {**CYC, "images": MANY, "anchor": 10.0, "steps": 4000},
+    # the shipped --images default, four times longer (fp32: see the fourth wave)
+    "cycle pixel, images, depth 3, anchor 10, 4000 steps, fp32": {**CYC, **FP32, "images": USER,
+                                                                   "cycle_depth": 3, "anchor": 10.0,
+                                                                   "steps": 4000},
 }
 
 
