@@ -236,16 +236,17 @@ class DiffusersVAE(VAEAdapter):
     likelihood = "gaussian"
     #: Chosen by the cycle sweep on the SD-class testbed (docs/latent-diffusion.md,
     #: ``examples/ldm/cycle_results.md``), 100 held-out photo crops. Data-free: the cycle
-    #: objective (pixel idempotence) on prior draws refined twice through the frozen base, with
-    #: a strong anchor on noisy decoded samples: single pass +0.28 dB, dB lost over 10 cycles
-    #: −4%, latent shift 0.035 std. Weaker anchors cost 0.9–1.4 dB; the previous default (AVAE,
-    #: anchor 1) made cycles 6% worse.
+    #: objective (pixel idempotence) on prior draws refined twice through the frozen base and
+    #: moved 0–3 cycles by the current encoder (the loop's own iterates), with a strong anchor
+    #: on noisy decoded samples: single pass +0.31 dB, dB lost over 10 cycles −6%, latent shift
+    #: 0.031 std (without the iterates: +0.28 dB, −4%, 0.035). Weaker anchors cost 0.9–1.4 dB;
+    #: the previous default (AVAE, anchor 1) made cycles 6% worse.
     tune_defaults: ClassVar[dict[str, Any]] = {
-        "objective": "cycle", "cycle_space": "pixel", "prior_refine": 2, "anchor": 10.0,
-        "lr": 3e-4, "steps": 1000, "batch_size": 8}
-    #: With ``--images`` of the user's kind: the anchor on those images, and the loss on the
-    #: loop's own iterates (z₀ moved 0–3 cycles by the current encoder): single pass +0.02 dB,
-    #: dB lost −10%, shift 0.014 std at 1000 steps (without the iterates: +0.06 dB, −8%, 0.014).
+        "objective": "cycle", "cycle_space": "pixel", "prior_refine": 2, "cycle_depth": 3,
+        "anchor": 10.0, "lr": 3e-4, "steps": 1000, "batch_size": 8}
+    #: With ``--images`` of the user's kind: the anchor on those images, and the same iterates
+    #: (z₀ = the images' base posteriors, moved 0–3 cycles): single pass +0.02 dB, dB lost −10%,
+    #: shift 0.014 std at 1000 steps (without the iterates: +0.06 dB, −8%, 0.014).
     tune_defaults_images: ClassVar[dict[str, Any]] = {"anchor": 10.0, "cycle_depth": 3}
     load_options = frozenset({
         "image_size", "obs_var", "variant", "gradient_checkpointing", "tiling", "slicing",
