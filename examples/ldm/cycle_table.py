@@ -19,6 +19,10 @@ DATA = {None: "data-free", "runs/ldm/user": "images", "runs/ldm/many": "many ima
         "runs/ldm/unrelated": "unrelated images"}
 
 
+#: the settings the diffusers family ships (data-free, and with --images), ringed on the chart
+SHIPPED = {"cycle pixel, refine 2, depth 3, anchor 10, fp32", "cycle pixel, images, depth 3, anchor 10"}
+
+
 def rows(root: Path, names: list[str]) -> tuple[dict, list[dict]]:
     base = json.loads((root / "base.heldout.json").read_text())
     out = []
@@ -92,6 +96,9 @@ def draw_chart(rs: list[dict], path: str) -> None:
             for r in pts:
                 ax.annotate(f"{r[p + 'd_psnr']:+.2f}", (r["shift"], r[p + "cut"]), fontsize=7,
                             xytext=(4, 3), textcoords="offset points")
+        shipped = [r for r in rs if r["name"] in SHIPPED]
+        ax.scatter([r["shift"] for r in shipped], [r[p + "cut"] for r in shipped], s=150,
+                   facecolors="none", edgecolors="k", lw=1.2, zorder=4, label="shipped default")
         ax.set_xscale("symlog", linthresh=0.01)
         ax.set_xlabel("latent shift of held-out photos (base-latent std)")
         ax.set_title(f"cycles with {title}")
