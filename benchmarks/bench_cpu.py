@@ -11,9 +11,9 @@ conv, 3×64×64, channels 64/128/128; batch 8), times the tune step (``posthoc_t
 * ``fast``: bf16 autocast (CPUs with bf16 units only), fused Adam, channels_last for the conv.
 
 ``--linear default`` runs the built-in models' fp32 linear layers on PyTorch's default gemm
-(MKL) instead of oneDNN (``models.Linear``); ``--malloc default`` leaves glibc's allocator as
-it is. Both are how tune and train ran before issue 22; by default the benchmark runs as they
-do now (oneDNN, and ``runtime.keep_freed_memory`` first).
+(MKL), ``--linear onednn`` on oneDNN (``models.Linear``); ``--malloc default`` leaves glibc's
+allocator as it is (how tune and train ran before issue 22). By default the benchmark runs as
+they do now: oneDNN on CPUs with AVX-512, MKL elsewhere, and ``runtime.keep_freed_memory`` first.
 
 FLOPs per step come from ``torch.utils.flop_counter`` (matmuls and convs); the peak is the best
 single-thread 1024² sgemm (and bf16 gemm) rate of PyTorch's default gemm, and oneDNN's fp32 rate
@@ -173,16 +173,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="keep: glibc keeps freed memory, as tune and train set it "
                    "(runtime.keep_freed_memory); default: glibc's own behaviour (train and tune "
                    "before issue 22)")
-    p.add_argument("--linear", choices=("onednn", "default"), default="onednn",
-                   help="onednn: built-in models' fp32 CPU linear layers on oneDNN, as tune and "
-                   "train run them; default: PyTorch's default gemm (MKL; before issue 22)")
+    p.add_argument("--linear", choices=("auto", "onednn", "default"), default="auto",
+                   help="auto: as tune and train run them (oneDNN on AVX-512 CPUs, else MKL); "
+                   "onednn: built-in models' fp32 CPU linear layers on oneDNN; default: "
+                   "PyTorch's default gemm (MKL; before issue 22)")
     args = p.parse_args(argv)
     from selfconsist.adapters.builtin import BuiltinVAE
-    from selfconsist.models import ModelConfig, use_onednn_linear
+    from selfconsist.models import ONEDNN_LINEAR, ModelConfig, use_onednn_linear
     from selfconsist.runtime import cpu_has_bf16, keep_freed_memory
 
     kept = keep_freed_memory(torch.device("cpu")) if args.malloc == "keep" else False
-    onednn = use_onednn_linear(args.linear == "onednn")
+    onednn = (ONEDNN_LINEAR["on"] if args.linear == "auto"
+              else use_onednn_linear(args.linear == "onednn"))
     print(json.dumps({"malloc": args.malloc, "kept_freed_memory": kept, "onednn_linear": onednn}),
           flush=True)
 

@@ -90,11 +90,25 @@ def _onednn_linear_op() -> Any:
 
 
 _ONEDNN_LINEAR = _onednn_linear_op()
-#: Whether built-in models run their fp32 CPU linear layers (forward and backward) on oneDNN.
-#: On the dev machine's AMD EPYC, PyTorch's default fp32 gemm (MKL) reaches ~60–90 GFLOP/s at
-#: the MLP's shapes and oneDNN 100–150 (docs/performance.md); elsewhere it is at worst a
-#: different gemm of the same product. :func:`use_onednn_linear` switches it (the benchmarks).
-ONEDNN_LINEAR = {"on": _ONEDNN_LINEAR is not None}
+
+
+def _onednn_is_faster() -> bool:
+    """Whether this CPU is one where oneDNN's fp32 gemm beats PyTorch's default (MKL): those
+    with AVX-512, whose wide kernels oneDNN uses and MKL, on AMD CPUs, does not. Measured
+    (docs/performance.md): on an AVX-512 AMD EPYC, oneDNN 100–150 GFLOP/s at the MLP's shapes
+    against MKL's 60–90 (1.2× per train step); on an AVX2-only AMD EPYC, MKL 26–34 against
+    oneDNN's 12–33, MKL 1.07× per train step. A fixed property of the machine, so a resumed
+    run takes the same path and stays bit-identical."""
+    try:
+        return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+#: Whether built-in models run their fp32 CPU linear layers (forward and backward) on oneDNN:
+#: where the build has it and the CPU has AVX-512 (:func:`_onednn_is_faster`).
+#: :func:`use_onednn_linear` switches it (the tests and benchmarks).
+ONEDNN_LINEAR = {"on": _ONEDNN_LINEAR is not None and _onednn_is_faster()}
 #: The smallest product (batch × in × out multiply-adds) that goes to oneDNN: below it the
 #: custom autograd node's overhead outweighs the faster gemm (on the dev machine oneDNN was
 #: 0.5–0.9× MKL per layer for products under ~1.5 M, 1.1–2× above 2.5 M; docs/performance.md),

@@ -45,6 +45,14 @@ SETTINGS: dict[str, dict] = {
     "v ≤ 2·e₀ (--obs-var-ratio 2)": {"obs_var_ratio": 2.0},
     "cycle (latent), 5000 steps, lr 1e-4, v 0.05":
         {"objective": "cycle", "cycle_space": "latent", "obs_var_ratio": 0.0},
+    # Second screen (2026-12-02): the shipped v ≤ 10·e₀ combined with the two settings that
+    # gained most round trip above (faster, longer), and noisy decoded samples, which show the
+    # encoder perturbed inputs (the PGD probe's question) at no cost in passes.
+    "combo: lr 3e-4 (v ≤ 10·e₀)": {"lr": 3e-4},
+    "combo: lr 3e-4, 10000 steps": {"lr": 3e-4, "steps": 10000},
+    "combo: lr 1e-3": {"lr": 1e-3},
+    "combo: sample noise": {"sample_noise": True},
+    "combo: sample noise, lr 3e-4": {"sample_noise": True, "lr": 3e-4},
 }
 
 
