@@ -7,6 +7,8 @@ AVAE) this times, in one process on one thread:
 * ``products``: every matrix product that step runs (recorded by a dispatch mode on a real
   step, so nothing is listed by hand), each timed alone at its own shapes and strides, best of
   ``--reps``: what the products cost when nothing else runs;
+* ``products_in_order``: the same products run back to back once each, in the step's order
+  (their inputs leave the cache between calls, as in the step);
 * ``adam``: the fused Adam update alone, on the same parameters with fixed gradients;
 * ``rest``: step − products − adam (the elementwise ops, the loss, data indexing, autograd and
   Python).
@@ -106,10 +108,19 @@ def measure(objective: str, reps: int) -> dict[str, float]:
         n = mats[1].shape[0] if func is torch.ops.mkldnn._linear_pointwise.default else mats[1].shape[1]
         macs += m * k * n
 
+    # The same products run once each in the step's order: their inputs no longer stay in cache
+    # between calls, as in the step itself.
+    def replay() -> None:
+        for func, args, kwargs in rec.calls:
+            func(*args, **kwargs)
+
+    replay_ms = best_ms(replay, reps, inner=5)
+
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
     adam_ms = best_ms(opt.step, reps)
-    return {"step_ms": step_ms, "products_ms": products_ms, "adam_ms": adam_ms,
+    return {"step_ms": step_ms, "products_ms": products_ms, "products_in_order_ms": replay_ms,
+            "adam_ms": adam_ms,
             "rest_ms": step_ms - products_ms - adam_ms, "products": len(rec.calls),
             "gflop": 2 * macs / 1e9, "products_gflops": 2 * macs / products_ms / 1e6}
 
