@@ -53,6 +53,11 @@ SETTINGS: dict[str, dict] = {
     "combo: lr 1e-3": {"lr": 1e-3},
     "combo: sample noise": {"sample_noise": True},
     "combo: sample noise, lr 3e-4": {"sample_noise": True, "lr": 3e-4},
+    "combo: sample noise, lr 1e-3": {"sample_noise": True, "lr": 1e-3},
+    "combo: sample noise, lr 3e-4, 10000 steps": {"sample_noise": True, "lr": 3e-4, "steps": 10000},
+    "combo: sample noise, 10000 steps, lr 1e-3": {"sample_noise": True, "lr": 1e-3, "steps": 10000},
+    "combo: sample noise, lr 3e-3": {"sample_noise": True, "lr": 3e-3},
+    "combo: sample noise, 20000 steps, lr 1e-3": {"sample_noise": True, "lr": 1e-3, "steps": 20000},
 }
 
 
