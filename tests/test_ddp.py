@@ -28,7 +28,10 @@ from selfconsist.models import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, GLOBAL_BATCH, LATENT = 4, 128, 4
-TUNE = dict(steps=STEPS, lr=1e-3, device="cpu", save_every=2, eval_samples=16, seed=0)
+# sample_noise off: the hook below replaces z₀ and ε on every rank; the observation noise of
+# --sample-noise (the built-in family's default) is another per-rank draw it does not replace.
+TUNE = dict(steps=STEPS, lr=1e-3, device="cpu", save_every=2, eval_samples=16, seed=0,
+            sample_noise=False)
 
 WORKER = r'''
 import json, os, shutil, signal, sys
