@@ -31,9 +31,9 @@ class BuiltinVAE(VAEAdapter):
     name = "builtin"
     #: Chosen on new-init ColorMNIST VAEs (issue 21, docs/results-colormnist.md): training the
     #: encoder on noisy decoded samples x = g(z₀) + √v·ε at lr 1e-3 gave, against the generic
-    #: lr 1e-4 without noise, PGD ε = 0.1 probe +22 to +32 points (was +12 to +15), sample round
-    #: trip ×6.1–6.5 (was ×3.7–4.3), held-out reconstruction −4 to −5%, clean probe +0.5 to +1.8,
-    #: on two base VAEs; the bundled digits example gains on every figure too. More fitting
+    #: lr 1e-4 without noise, PGD ε = 0.1 probe +21.8 to +32.6 points (was +6.5 to +15.2),
+    #: sample round trip ×4.9–6.5 (was ×3.4–4.3), held-out reconstruction −3.9 to −5.2%, clean
+    #: probe +0.5 to +1.8, on three base VAEs; the bundled digits example gains on every figure. More fitting
     #: without the noise (lr 1e-3, or 10000 steps) reaches ×8 but keeps only +2.5 PGD points.
     tune_defaults: ClassVar[dict[str, Any]] = {"sample_noise": True, "lr": 1e-3}
 
