@@ -3,7 +3,9 @@
 For the side-by-side comparison's model (ColorMNIST MLP 4×200, latent 64, batch 64, VAE and
 AVAE) this times, in one process on one thread:
 
-* ``step``: the whole train step as ``selfconsist train`` runs it (forward, backward, fused Adam);
+* ``step``: the whole train step as ``selfconsist train`` runs it (the built-in MLP's
+  hand-derived step, ``selfconsist/mlp_step.py``, and fused Adam), and the autograd step it
+  replaced (``--steps``);
 * ``products``: every matrix product that step runs (recorded by a dispatch mode on a real
   step, so nothing is listed by hand), each timed alone at its own shapes and strides, best of
   ``--reps``: what the products cost when nothing else runs;
@@ -24,6 +26,7 @@ what everything else may cost.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -31,7 +34,7 @@ import time
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-PRODUCTS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default,
+PRODUCTS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.addmm.out,
             torch.ops.mkldnn._linear_pointwise.default}
 
 
@@ -63,35 +66,34 @@ def best_ms(fn, reps: int, inner: int = 20) -> float:
     return best * 1e3
 
 
-def make_train_step(objective: str):
-    """The ``selfconsist train`` step (batch 64) and its parameters and optimiser."""
-    from selfconsist import objective as obj
+def make_train_step(objective: str, hand: bool):
+    """The ``selfconsist train`` step (batch 64) and its parameters and optimiser: the built-in
+    MLP's hand-derived step (``hand``, what ``train`` runs) or the autograd one."""
+    from selfconsist import mlp_step
     from selfconsist.models import ModelConfig
     from selfconsist.runtime import adam
-    from selfconsist.train import avae_step_terms, new_model
+    from selfconsist.train import new_model, train_step
 
     vae = new_model(ModelConfig(data_shape=(3, 28, 28), latent_dim=64, hidden=200), seed=0)
     params = list(vae.encoder_parameters()) + list(vae.decoder_parameters())
     opt = adam(params, 1e-3, torch.device("cpu"))
     gen = torch.Generator().manual_seed(0)
     x_all = torch.rand(1000, 3, 28, 28, generator=gen)
-    rho = 0.975 if objective == "avae" else None
+    was, mlp_step.ENABLED["on"] = mlp_step.ENABLED["on"], hand
+    step_fn = train_step(vae, 0.975 if objective == "avae" else None)
+    mlp_step.ENABLED["on"] = was
 
     def step() -> None:
         idx = torch.randint(1000, (64,), generator=gen)
-        t = avae_step_terms(vae, x_all[idx], gen, rho)
-        loss = -obj.avae_objective(t["log_lik"], t["kl"], t.get("coupling", torch.zeros(())),
-                                   1.0).mean()
+        loss, _ = step_fn(x_all.index_select(0, idx), gen)
         loss.item()  # train's per-step NaN check
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
         opt.step()
 
     return step, params, opt
 
 
-def measure(objective: str, reps: int) -> dict[str, float]:
-    step, params, opt = make_train_step(objective)
+def measure(objective: str, reps: int, hand: bool) -> dict[str, float]:
+    step, params, opt = make_train_step(objective, hand)
     for _ in range(30):
         step()
     step_ms = statistics.median(best_ms(step, 1, 50) for _ in range(reps))
@@ -132,6 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--official-steps-per-s", type=float, nargs="*", default=None,
                    help="the official code's steady steps/s, one per objective, same order")
     p.add_argument("--target", type=float, default=1.2, help="the speed-up to budget for")
+    p.add_argument("--steps", default="hand,autograd",
+                   help="which train steps: hand (the built-in MLP's, what train runs), autograd")
     args = p.parse_args(argv)
     from selfconsist.models import ONEDNN_LINEAR
     from selfconsist.runtime import keep_freed_memory
@@ -140,8 +144,10 @@ def main(argv: list[str] | None = None) -> None:
     keep_freed_memory(torch.device("cpu"))
     print(json.dumps({"threads": torch.get_num_threads(), "onednn_linear": ONEDNN_LINEAR["on"],
                       "cpu_capability": torch.backends.cpu.get_cpu_capability()}))
-    for i, objective in enumerate(args.objectives.split(",")):
-        r = {"objective": objective, **{k: round(v, 3) for k, v in measure(objective, args.reps).items()}}
+    for (i, objective), kind in itertools.product(enumerate(args.objectives.split(",")),
+                                                  args.steps.split(",")):
+        r = {"objective": objective, "step": kind,
+             **{k: round(v, 3) for k, v in measure(objective, args.reps, kind == "hand").items()}}
         if args.official_steps_per_s:
             official = args.official_steps_per_s[i]
             budget = 1e3 / (args.target * official)

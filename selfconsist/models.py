@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from . import runtime
 from .errors import CheckpointError, SelfconsistError
 from .validate import require_finite
 
@@ -93,20 +94,22 @@ _ONEDNN_LINEAR = _onednn_linear_op()
 
 
 def _onednn_is_faster() -> bool:
-    """Whether this CPU is one where oneDNN's fp32 gemm beats PyTorch's default (MKL): those
-    with AVX-512, whose wide kernels oneDNN uses and MKL, on AMD CPUs, does not. Measured
-    (docs/performance.md): on an AVX-512 AMD EPYC, oneDNN 100–150 GFLOP/s at the MLP's shapes
-    against MKL's 60–90 (1.2× per train step); on an AVX2-only AMD EPYC, MKL 26–34 against
-    oneDNN's 12–33, MKL 1.07× per train step. A fixed property of the machine, so a resumed
-    run takes the same path and stays bit-identical."""
+    """Whether this CPU is one where oneDNN's fp32 gemm beats PyTorch's default (MKL): non-Intel
+    CPUs with AVX-512, whose wide kernels oneDNN uses and MKL, off Intel CPUs, does not.
+    Measured (docs/performance.md), train step, in-process A/B: on an AVX-512 AMD EPYC oneDNN
+    1.2× faster (100–150 GFLOP/s at the MLP's shapes against MKL's 60–90); on an AVX2-only AMD
+    EPYC MKL 1.07× faster; on an AVX-512 Intel Xeon MKL 1.41× (VAE) and 1.17× (AVAE) faster.
+    A fixed property of the machine, so a resumed run takes the same path and stays
+    bit-identical."""
     try:
-        return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+        wide = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
     except (AttributeError, RuntimeError):
         return False
+    return wide and runtime.cpu_vendor() not in ("GenuineIntel", "")
 
 
 #: Whether built-in models run their fp32 CPU linear layers (forward and backward) on oneDNN:
-#: where the build has it and the CPU has AVX-512 (:func:`_onednn_is_faster`).
+#: where the build has it and the CPU is a non-Intel one with AVX-512 (:func:`_onednn_is_faster`).
 #: :func:`use_onednn_linear` switches it (the tests and benchmarks).
 ONEDNN_LINEAR = {"on": _ONEDNN_LINEAR is not None and _onednn_is_faster()}
 #: The smallest product (batch × in × out multiply-adds) that goes to oneDNN: below it the

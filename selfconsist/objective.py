@@ -20,6 +20,8 @@ import torch
 from torch import Tensor
 
 LOG_2PI = math.log(2.0 * math.pi)
+#: The Bernoulli likelihood's clamp of p to [ε, 1 − ε] (mlp_step differentiates through it).
+BERNOULLI_EPS = 1e-6
 
 
 def _sum_per_item(t: Tensor) -> Tensor:
@@ -76,7 +78,7 @@ def gaussian_log_likelihood(x: Tensor, x_mean: Tensor, obs_var: float) -> Tensor
     return -sq / (2.0 * obs_var) - 0.5 * d * (LOG_2PI + math.log(obs_var))
 
 
-def bernoulli_log_likelihood(x: Tensor, x_mean: Tensor, eps: float = 1e-6) -> Tensor:
+def bernoulli_log_likelihood(x: Tensor, x_mean: Tensor, eps: float = BERNOULLI_EPS) -> Tensor:
     r"""log Bernoulli(x; p = g(z)), summed over elements; x ∈ [0, 1] (continuous x allowed).
 
     log p(x|z) = Σ x log p + (1 − x) log(1 − p), with p clamped to [ε, 1 − ε].

@@ -49,6 +49,34 @@ def cpu_has_bf16() -> bool:
     return bool(check()) if check is not None else False
 
 
+def cpu_vendor() -> str:
+    """The CPU's vendor as Linux reports it (``GenuineIntel``, ``AuthenticAMD``), or "" where
+    /proc/cpuinfo is not readable (other systems)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+@contextmanager
+def flush_denormals(device: torch.device) -> Iterator[None]:
+    """On CPU, flush denormal floats (|x| < 1.2e-38) to zero on this thread while the block runs,
+    then restore PyTorch's default (no flushing). Arithmetic on denormals takes a slow microcode
+    path on x86 CPUs; a decoder's sigmoid output far below 1 makes them in the backward pass
+    (x̃(1 − x̃) times a small gradient). Measured on the built-in MLP's train step: 1.04–1.13×
+    faster (docs/performance.md); the values flushed are below any loss's resolution."""
+    on = device.type == "cpu" and torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if on:
+            torch.set_flush_denormal(False)
+
+
 def autocast(device: torch.device, precision: str):
     """bf16 autocast on GPU, and on CPUs with bf16 units (AVX-512 BF16/AMX: gemm and conv run
     ~2× the fp32 rate there); without them bf16 is emulated and slower, so it is refused.

@@ -1,0 +1,189 @@
+r"""The built-in MLP's train step differentiated by hand: no autograd graph, one batch for both
+encoder backward passes.
+
+Why: at the paper's ColorMNIST size (MLP 4×200, latent 64, batch 64) the matrix products of an
+autograd step are under half its time; the rest is autograd's bookkeeping, ~150 small kernels and
+their allocations (``benchmarks/step_floor.py``). This step runs the same products with a few
+dozen fused elementwise ops, and for the AVAE it stacks the two encoder passes (on x and on the
+re-encoded x̃) into one backward of 2B rows, so the encoder's backward costs two products per
+layer instead of four. The math is :mod:`selfconsist.objective`'s, differentiated by hand;
+``tests/test_mlp_step.py`` checks value and gradient against autograd on those functions.
+
+Per linear layer ℓ (ReLU between layers, none after the last):
+
+    a_ℓ = h_{ℓ−1} W_ℓᵀ + b_ℓ,   h_ℓ = relu(a_ℓ)
+    ∂W_ℓ = δ_ℓᵀ h_{ℓ−1},   ∂b_ℓ = Σ_rows δ_ℓ,   δ_{ℓ−1} = (δ_ℓ W_ℓ) ⊙ [h_{ℓ−1} > 0]
+
+with δ_ℓ = ∂loss/∂a_ℓ and loss = −(1/B) Σ_items [log p(x|z) − KL(q ‖ p) + C(x)]. The seeds of
+the backward pass, in whitened units (μ̂ = (μ − m)/s, l̂ = log σ² − 2 log s, r = 1 − ρ²):
+
+    decoder output x̃ = sigmoid(o):   ∂o = ∂x̃ ⊙ x̃(1 − x̃)
+        Gaussian:  ∂x̃ = (x̃ − x)/(vB)
+        Bernoulli: ∂x̃ = −(x/p − (1 − x)/(1 − p))/B with p = x̃ inside [ε, 1 − ε], 0 outside (the clamp)
+    z = μ + e·σ:   ∂μ += ∂z,   ∂log σ² += ∂z ⊙ e·σ/2
+    KL:            ∂μ̂ += μ̂/B,   ∂l̂ += (exp l̂ − 1)/(2B)
+    C (AVAE):      ∂μ̂ += −ρ(μ̂′ − ρμ̂)/(rB),   ∂l̂ += ρ² exp l̂/(2rB)
+                   ∂μ̂′ = (μ̂′ − ρμ̂)/(rB),     ∂l̂′ = (exp l̂′/r − 1)/(2B)
+    whitening:     ∂μ = ∂μ̂/s,   ∂log σ² = ∂l̂
+
+x̃ enters the re-encoding as a constant (the stop-gradient of :mod:`selfconsist.train`), so the
+coupling's gradient reaches the encoder only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import models
+from . import objective as obj
+from .adapters.builtin import BuiltinVAE
+
+#: Whether ``train`` takes this step where it :func:`supports` the model; the tests and
+#: ``benchmarks/step_floor.py`` switch it off to compare with the autograd step.
+ENABLED = {"on": True}
+
+
+def supports(vae: BuiltinVAE) -> bool:
+    """Whether :class:`MLPTrainStep` can run this model: the built-in MLP in fp32 on CPU (the
+    only device it was measured on)."""
+    return (vae.device.type == "cpu" and _is_mlp(vae)
+            and all(p.dtype == torch.float32 for p in vae.encoder_parameters())
+            and all(p.dtype == torch.float32 for p in vae.decoder_parameters()))
+
+
+def _is_mlp(vae: BuiltinVAE) -> bool:
+    return isinstance(vae.encoder, models.MLPEncoder) and isinstance(vae.decoder, models.MLPDecoder)
+
+
+def _linears(net: nn.Sequential) -> list[nn.Linear]:
+    return [m for m in net if isinstance(m, nn.Linear)]
+
+
+def _onednn(n_macs: int, device: torch.device) -> bool:
+    """Whether a product of ``n_macs`` multiply-adds goes to oneDNN: the rule ``models.Linear``
+    applies (:data:`models.ONEDNN_LINEAR`, :data:`models.ONEDNN_MIN_MACS`), so that both steps
+    pick the same gemm on a given machine."""
+    return models.ONEDNN_LINEAR["on"] and device.type == "cpu" and n_macs >= models.ONEDNN_MIN_MACS
+
+
+def _product(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b."""
+    if _onednn(a.shape[0] * a.shape[1] * b.shape[1], a.device):
+        return models._ONEDNN_LINEAR(a, b.t(), None, "none", [], "")
+    return a @ b
+
+
+def _forward(layers: list[nn.Linear], outs: list[Tensor]) -> None:
+    """Run the MLP on ``outs[0]``, writing layer ℓ's output into ``outs[ℓ]``: h_ℓ = relu(a_ℓ)
+    for the hidden layers, the pre-activation a_L for the last."""
+    for i, lin in enumerate(layers):
+        h, out = outs[i], outs[i + 1]
+        if _onednn(h.shape[0] * lin.in_features * lin.out_features, h.device):
+            out.copy_(models._ONEDNN_LINEAR(h, lin.weight, lin.bias, "none", [], ""))
+        else:
+            torch.addmm(lin.bias, h, lin.weight.t(), out=out)
+        if i < len(layers) - 1:
+            out.relu_()
+
+
+def _backward(layers: list[nn.Linear], hs: list[Tensor], delta: Tensor, input_grad: bool
+              ) -> Tensor | None:
+    """Set ``.grad`` of every layer's ∂W, ∂b; return ∂loss/∂input if ``input_grad``."""
+    for i in range(len(layers) - 1, -1, -1):
+        lin = layers[i]
+        lin.weight.grad = _product(delta.t(), hs[i])
+        lin.bias.grad = delta.sum(0)
+        if i > 0:  # ReLU: h > 0 exactly where a > 0
+            delta = torch.ops.aten.threshold_backward(_product(delta, lin.weight), hs[i], 0.0)
+        elif input_grad:
+            delta = _product(delta, lin.weight)
+    return delta if input_grad else None
+
+
+class MLPTrainStep:
+    """One (A)VAE training step of a built-in MLP VAE, gradients by hand (module docstring).
+
+    ``__call__(x, gen)`` draws the reparameterisation noise from ``gen`` exactly as
+    :func:`selfconsist.train.avae_step_terms` does (one ``randn`` of the mean's shape), writes
+    every parameter's gradient into its ``.grad`` and returns ``(loss, terms)`` as plain tensors
+    (no graph): the same per-item terms, so progress and the finite check read the same names.
+    ``rho=None`` trains the plain VAE.
+    """
+
+    def __init__(self, vae: BuiltinVAE, rho: float | None) -> None:
+        if not _is_mlp(vae):
+            raise ValueError("MLPTrainStep needs a built-in MLP VAE")
+        self.vae, self.rho = vae, rho
+        self.enc = _linears(vae.encoder.net)
+        self.dec = _linears(vae.decoder.net)
+        self.latent = vae.config.latent_dim
+
+    @torch.no_grad()
+    def __call__(self, x: Tensor, gen: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
+        vae, rho, L = self.vae, self.rho, self.latent
+        B = x.shape[0]
+        m, s = vae.prior.mean, vae.prior.std
+        # Activation buffers: rows :B for the pass on x, rows B: for the AVAE's pass on x̃, so
+        # that one backward of 2B rows serves both (the encoder's input rows B: are x̃ itself,
+        # written there by the decoder's sigmoid).
+        rows = 2 * B if rho is not None else B
+        he = [x.new_empty(rows, lin.in_features) for lin in self.enc] + [x.new_empty(rows, 2 * L)]
+        hd = [x.new_empty(B, lin.in_features) for lin in self.dec] + [x.new_empty(B, self.dec[-1].out_features)]
+        xf = he[0][:B]
+        xf.copy_(x.reshape(B, -1))
+
+        # Forward: encode x, sample z, decode.
+        _forward(self.enc, [h[:B] for h in he])
+        mean, logvar = he[-1][:B, :L], he[-1][:B, L:]
+        eps = torch.randn(mean.shape, generator=gen, device=gen.device, dtype=mean.dtype).to(mean.device)
+        sd = logvar.mul(0.5).exp_()
+        torch.addcmul(mean, eps, sd, out=hd[0])  # z
+        _forward(self.dec, hd)
+        x_rec = hd[-1].sigmoid_() if rho is None else torch.sigmoid(hd[-1], out=he[0][B:])
+
+        mh, lvh = obj.whiten(mean, logvar, m, s)
+        terms = {"log_lik": obj.log_likelihood(xf, x_rec, vae.likelihood, vae.obs_var),
+                 "kl": obj.kl_to_standard_normal(mh, lvh)}
+        inv_b = 1.0 / B
+
+        # ∂loss/∂(μ̂, l̂) of the first encoding from KL (the coupling adds below).
+        d_mh = mh * inv_b
+        d_lvh = lvh.exp().sub_(1.0).mul_(0.5 * inv_b)
+
+        if rho is not None:
+            _forward(self.enc, [h[B:] for h in he])
+            mean2, logvar2 = he[-1][B:, :L], he[-1][B:, L:]
+            mh2, lvh2 = obj.whiten(mean2, logvar2, m, s)
+            terms["coupling"] = obj.coupling_term(mh, lvh, mh2, lvh2, rho)
+            r = 1.0 - rho * rho
+            diff = mh2 - rho * mh  # μ̂′ − ρμ̂
+            d_mh.add_(diff, alpha=-rho * inv_b / r)
+            d_lvh.add_(lvh.exp(), alpha=rho * rho * 0.5 * inv_b / r)
+            d_enc2 = torch.cat([diff.mul(inv_b / r) / s,
+                                lvh2.exp().mul_(1.0 / r).sub_(1.0).mul_(0.5 * inv_b)], dim=1)
+
+        # Decoder backward: ∂o = ∂x̃ ⊙ x̃(1 − x̃), then the layers down to ∂z.
+        if vae.likelihood == "gaussian":
+            d_x = (x_rec - xf).mul_(inv_b / vae.obs_var)
+        else:
+            p = x_rec.clamp(obj.BERNOULLI_EPS, 1.0 - obj.BERNOULLI_EPS)
+            d_x = ((1.0 - xf) / (1.0 - p) - xf / p).mul_(inv_b)
+            d_x.mul_((x_rec >= obj.BERNOULLI_EPS) & (x_rec <= 1.0 - obj.BERNOULLI_EPS))
+        d_o = d_x.mul_(x_rec).mul_(1.0 - x_rec)
+        d_z = _backward(self.dec, hd, d_o, input_grad=True)
+        assert d_z is not None
+
+        # ∂(μ, log σ²) of the first encoding: sampling path + KL (+ coupling) seeds.
+        d_mean = d_z + d_mh / s
+        d_logvar = d_z.mul_(eps).mul_(sd).mul_(0.5).add_(d_lvh)
+        d_enc = torch.cat([d_mean, d_logvar], dim=1)
+
+        # Encoder backward; for the AVAE both passes at once, as one batch of 2B rows.
+        if rho is not None:
+            d_enc = torch.cat([d_enc, d_enc2])
+        _backward(self.enc, he, d_enc, input_grad=False)
+
+        bound = obj.avae_objective(terms["log_lik"], terms["kl"],
+                                   terms.get("coupling", torch.zeros((), device=x.device)), 1.0)
+        return -bound.mean(), terms

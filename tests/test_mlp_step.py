@@ -1,0 +1,134 @@
+"""The built-in MLP's hand-derived train step (selfconsist/mlp_step.py) against autograd on
+objective.py's functions: loss, every gradient, the random stream, and whole runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from selfconsist import mlp_step, models
+from selfconsist.adapters.base import Prior
+from selfconsist.adapters.builtin import BuiltinVAE, new_model
+from selfconsist.models import ModelConfig
+from selfconsist.train import AutogradStep, TrainConfig, train, train_step
+
+
+def _params(vae: BuiltinVAE) -> list[torch.nn.Parameter]:
+    return list(vae.encoder.parameters()) + list(vae.decoder.parameters())
+
+
+def _double(vae: BuiltinVAE) -> BuiltinVAE:
+    vae.encoder.double()
+    vae.decoder.double()
+    return vae
+
+
+def _both(vae: BuiltinVAE, x: torch.Tensor, rho: float | None, seed: int = 3):
+    """(loss, terms, grads, generator state) of the autograd step and of the hand-derived one."""
+    out = []
+    for step in (AutogradStep(vae, rho), mlp_step.MLPTrainStep(vae, rho)):
+        for p in _params(vae):
+            p.grad = None
+        gen = torch.Generator().manual_seed(seed)
+        loss, terms = step(x, gen)
+        out.append((loss, terms, [p.grad.clone() for p in _params(vae)], gen.get_state()))
+    return out
+
+
+class _ShiftedPrior(BuiltinVAE):
+    """A built-in MLP with the prior N(0.3, 2²): exercises the whitening in the derivatives."""
+
+    def priors(self) -> dict[str, Prior]:
+        shape = self.latent_shape
+        return {"shifted": Prior(torch.full(shape, 0.3, dtype=torch.float64),
+                                 torch.full(shape, 2.0, dtype=torch.float64))}
+
+
+@pytest.mark.parametrize("likelihood", ["gaussian", "bernoulli"])
+@pytest.mark.parametrize("rho", [None, 0.8])
+@pytest.mark.parametrize("shifted", [False, True])
+def test_matches_autograd_in_float64(likelihood: str, rho: float | None, shifted: bool) -> None:
+    cfg = ModelConfig(arch="mlp", data_shape=(3, 6, 6), latent_dim=5, hidden=12, depth=3,
+                      likelihood=likelihood, obs_var=0.1)
+    vae = _double(new_model(cfg, seed=1))
+    if shifted:
+        vae = _ShiftedPrior(cfg, vae.encoder, vae.decoder)
+    x = torch.rand(7, 3, 6, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    if likelihood == "bernoulli":
+        x = (x > 0.5).double()
+    (la, ta, ga, sa), (lb, tb, gb, sb) = _both(vae, x, rho)
+    assert torch.equal(sa, sb), "the two steps must draw the same noise from the generator"
+    assert torch.allclose(la, lb, rtol=1e-12, atol=0)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert torch.allclose(ta[k], tb[k], rtol=1e-12, atol=1e-12), k
+    for a, b in zip(ga, gb, strict=True):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12 * a.abs().max().item())
+
+
+def test_bernoulli_clamp_gives_zero_gradient_where_autograd_does() -> None:
+    # A saturated decoder output (p < ε) gets no gradient through the clamp, in either step.
+    cfg = ModelConfig(arch="mlp", data_shape=(1, 4, 4), latent_dim=3, hidden=8, depth=2,
+                      likelihood="bernoulli")
+    vae = _double(new_model(cfg, seed=0))
+    with torch.no_grad():
+        vae.decoder.net[-1].bias[:8] = -40.0  # sigmoid(-40) ≈ 4e-18 < 1e-6
+    x = torch.ones(5, 1, 4, 4, dtype=torch.float64)
+    (_, _, ga, _), (_, _, gb, _) = _both(vae, x, None)
+    bias_grad_a, bias_grad_b = ga[-1], gb[-1]
+    assert torch.all(bias_grad_a[:8] == 0) and torch.all(bias_grad_b[:8] == 0)
+    assert torch.allclose(bias_grad_a, bias_grad_b, rtol=1e-9, atol=1e-15)
+
+
+@pytest.mark.parametrize("onednn", [False, True])
+@pytest.mark.parametrize("rho", [None, 0.975])
+def test_matches_autograd_in_float32_at_the_papers_size(onednn: bool, rho: float | None) -> None:
+    was = models.ONEDNN_LINEAR["on"]
+    if onednn and not models.use_onednn_linear(True):
+        models.use_onednn_linear(was)
+        pytest.skip("this PyTorch build has no oneDNN linear")
+    try:
+        models.use_onednn_linear(onednn)
+        cfg = ModelConfig(arch="mlp", data_shape=(3, 28, 28), latent_dim=64, hidden=200, depth=4)
+        vae = new_model(cfg, seed=0)
+        x = torch.rand(64, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+        (la, _, ga, _), (lb, _, gb, _) = _both(vae, x, rho)
+    finally:
+        models.use_onednn_linear(was)
+    assert torch.allclose(la, lb, rtol=1e-5)
+    for a, b in zip(ga, gb, strict=True):
+        assert (a - b).abs().max() <= 1e-4 * a.abs().max()
+
+
+def test_train_takes_it_only_for_the_fp32_cpu_mlp() -> None:
+    mlp = new_model(ModelConfig(arch="mlp", data_shape=(1, 8, 8)), seed=0)
+    conv = new_model(ModelConfig(arch="conv", data_shape=(1, 8, 8)), seed=0)
+    assert isinstance(train_step(mlp, 0.9), mlp_step.MLPTrainStep)
+    assert isinstance(train_step(conv, 0.9), AutogradStep)
+    assert isinstance(train_step(_double(new_model(mlp.config, seed=0)), 0.9), AutogradStep)
+    was = mlp_step.ENABLED["on"]
+    mlp_step.ENABLED["on"] = False
+    try:
+        assert isinstance(train_step(mlp, 0.9), AutogradStep)
+    finally:
+        mlp_step.ENABLED["on"] = was
+    with pytest.raises(ValueError, match="MLP"):
+        mlp_step.MLPTrainStep(conv, 0.9)
+
+
+@pytest.mark.parametrize("objective", ["vae", "avae"])
+def test_whole_runs_agree_with_the_autograd_step(tmp_path, objective: str) -> None:
+    # 60 steps on the digits: the two steps round differently, so the weights drift apart a
+    # little, but the run must land at the same place to well within the training noise.
+    cfg = TrainConfig(objective=objective, steps=60, save_every=1000, hidden=32, depth=2,
+                      latent_dim=8)
+    was = mlp_step.ENABLED["on"]
+    try:
+        runs = {}
+        for on in (True, False):
+            mlp_step.ENABLED["on"] = on
+            runs[on] = train(cfg, tmp_path / f"{on}.safetensors", progress=False)
+    finally:
+        mlp_step.ENABLED["on"] = was
+    for a, b in zip(_params(runs[True]), _params(runs[False]), strict=True):
+        assert (a - b).abs().max() <= 1e-3 * a.abs().max()
