@@ -1,7 +1,7 @@
 """CPU step speed of ``tune``: time, achieved GFLOP/s and share of the measured gemm peak.
 
 Also a minimal hand-written loop with the same passes (the overhead floor), and the ``train``
-step of the MLP at batch 64 with three Adam variants.
+step of the MLP at batch 64.
 For the ColorMNIST MLP VAE (3×28×28, 4×200, 64 latents; batch 128) and a conv VAE (built-in
 conv, 3×64×64, channels 64/128/128; batch 8), times the tune step (``posthoc_terms`` + backward
 + Adam, as ``selfconsist tune`` runs it) under
@@ -13,7 +13,9 @@ conv, 3×64×64, channels 64/128/128; batch 8), times the tune step (``posthoc_t
 ``--linear default`` runs the built-in models' fp32 linear layers on PyTorch's default gemm
 (MKL), ``--linear onednn`` on oneDNN (``models.Linear``); ``--malloc default`` leaves glibc's
 allocator as it is (how tune and train ran before issue 22). By default the benchmark runs as
-they do now: oneDNN on CPUs with AVX-512, MKL elsewhere, and ``runtime.keep_freed_memory`` first.
+they do now: oneDNN on non-Intel CPUs with AVX-512, MKL elsewhere, and
+``runtime.keep_freed_memory`` first. The ``train`` rows run the step with autograd (three Adam
+variants) and the built-in MLP's hand-derived step (``selfconsist/mlp_step.py``).
 
 FLOPs per step come from ``torch.utils.flop_counter`` (matmuls and convs); the peak is the best
 single-thread 1024² sgemm (and bf16 gemm) rate of PyTorch's default gemm, and oneDNN's fp32 rate
@@ -103,25 +105,26 @@ def make_step(vae, batch: int, precision: str, fused: bool):
     return step
 
 
-def make_train_step(adam: dict):
-    """The ``selfconsist train`` step of the ColorMNIST MLP VAE at batch 64 (plain VAE term)."""
-    from selfconsist import objective as obj
+def make_train_step(adam: dict, hand: bool = False):
+    """The ``selfconsist train`` step of the ColorMNIST MLP VAE at batch 64 (plain VAE term):
+    by autograd, or the built-in MLP's hand-derived step (``hand``, what ``train`` runs)."""
+    from selfconsist import mlp_step
     from selfconsist.models import ModelConfig
-    from selfconsist.train import avae_step_terms, new_model
+    from selfconsist.train import new_model, train_step
 
     vae = new_model(ModelConfig(data_shape=(3, 28, 28), latent_dim=64, hidden=200), seed=0)
     params = list(vae.encoder_parameters()) + list(vae.decoder_parameters())
     opt = torch.optim.Adam(params, lr=1e-3, **adam)
     gen = torch.Generator().manual_seed(0)
     x_all = torch.rand(1000, 3, 28, 28, generator=gen)
+    was, mlp_step.ENABLED["on"] = mlp_step.ENABLED["on"], hand
+    step_fn = train_step(vae, None)
+    mlp_step.ENABLED["on"] = was
 
     def step() -> None:
         idx = torch.randint(1000, (64,), generator=gen)
-        t = avae_step_terms(vae, x_all[idx], gen, None)
-        loss = -obj.avae_objective(t["log_lik"], t["kl"], torch.zeros(()), 1.0).mean()
+        loss, _ = step_fn(x_all.index_select(0, idx), gen)
         loss.item()  # train's per-step NaN check
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
         opt.step()
 
     return step
@@ -174,7 +177,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    "(runtime.keep_freed_memory); default: glibc's own behaviour (train and tune "
                    "before issue 22)")
     p.add_argument("--linear", choices=("auto", "onednn", "default"), default="auto",
-                   help="auto: as tune and train run them (oneDNN on AVX-512 CPUs, else MKL); "
+                   help="auto: as tune and train run them (oneDNN on non-Intel AVX-512 CPUs, else MKL); "
                    "onednn: built-in models' fp32 CPU linear layers on oneDNN; default: "
                    "PyTorch's default gemm (MKL; before issue 22)")
     args = p.parse_args(argv)
@@ -230,10 +233,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                  "of_fp32_gemm_peak": round(flops / secs / 1e9 / peak32, 3),
                  "of_best_fp32_gemm_peak": round(flops / secs / 1e9 / best32, 3)})
     print(json.dumps(rows[-1]), flush=True)
-    for name, adam in (("train fp32, default Adam (as train ran before)", {}),
-                       ("train fp32, foreach Adam", {"foreach": True}),
-                       ("train fp32, fused Adam (as train builds it)", {"fused": True})):
-        step = make_train_step(adam)
+    for name, adam, hand in (("train fp32, autograd, default Adam (train before issue 22)", {}, False),
+                             ("train fp32, autograd, foreach Adam", {"foreach": True}, False),
+                             ("train fp32, autograd, fused Adam", {"fused": True}, False),
+                             ("train fp32, hand-derived step, fused Adam (as train runs the MLP)",
+                              {"fused": True}, True)):
+        step = make_train_step(adam, hand)
         flops = count_flops(step, onednn)
         secs = time_step(step, args.reps)
         rows.append({"model": "mlp", "path": name, "batch": 64, "ms_per_step": round(1e3 * secs, 2),

@@ -23,11 +23,17 @@ def test_cpu_bf16_autocast_runs_matmuls_in_bf16(digits_model) -> None:
     a = torch.randn(8, 8)
     with autocast(torch.device("cpu"), "bf16"):
         assert (a @ a).dtype == torch.bfloat16
-    vae = selfconsist.load(digits_model)
-    res = selfconsist.tune(vae, TuneConfig(steps=5, batch_size=16, device="cpu", precision="bf16",
-                                           eval_samples=64), progress=False)
-    assert res.after["sample_roundtrip_mse"]["value"] == pytest.approx(
-        res.before["sample_roundtrip_mse"]["value"], rel=0.5)
+    # bf16 tunes to where fp32 tunes. (Five steps at the built-in family's lr 1e-3 move the
+    # round trip of this briefly trained model up by ~2× in both precisions, so "unchanged" is
+    # no test.)
+    after = {}
+    for precision in ("fp32", "bf16"):
+        res = selfconsist.tune(selfconsist.load(digits_model),
+                               TuneConfig(steps=5, batch_size=16, device="cpu", precision=precision,
+                                          eval_samples=64), progress=False)
+        after[precision] = res.after["sample_roundtrip_mse"]["value"]
+        assert res.after["sample_roundtrip_mse"]["value"] != res.before["sample_roundtrip_mse"]["value"]
+    assert after["bf16"] == pytest.approx(after["fp32"], rel=0.05)
 
 
 @pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no bf16 units")
