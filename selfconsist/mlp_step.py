@@ -118,12 +118,13 @@ class MLPTrainStep:
         self.enc = _linears(vae.encoder.net)
         self.dec = _linears(vae.decoder.net)
         self.latent = vae.config.latent_dim
+        self.prior = (vae.prior.mean, vae.prior.std)
 
     @torch.no_grad()
     def __call__(self, x: Tensor, gen: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
         vae, rho, L = self.vae, self.rho, self.latent
         B = x.shape[0]
-        m, s = vae.prior.mean, vae.prior.std
+        m, s = self.prior
         # Activation buffers: rows :B for the pass on x, rows B: for the AVAE's pass on x̃, so
         # that one backward of 2B rows serves both (the encoder's input rows B: are x̃ itself,
         # written there by the decoder's sigmoid).
@@ -143,8 +144,12 @@ class MLPTrainStep:
         x_rec = hd[-1].sigmoid_() if rho is None else torch.sigmoid(hd[-1], out=he[0][B:])
 
         mh, lvh = obj.whiten(mean, logvar, m, s)
-        terms = {"log_lik": obj.log_likelihood(xf, x_rec, vae.likelihood, vae.obs_var),
-                 "kl": obj.kl_to_standard_normal(mh, lvh)}
+        if vae.likelihood == "gaussian":
+            residual = x_rec - xf  # kept for the gradient (x̃ − x)/v
+            log_lik = obj.gaussian_log_likelihood_of_residual(residual, vae.obs_var)
+        else:
+            log_lik = obj.log_likelihood(xf, x_rec, vae.likelihood, vae.obs_var)
+        terms = {"log_lik": log_lik, "kl": obj.kl_to_standard_normal(mh, lvh)}
         inv_b = 1.0 / B
 
         # ∂loss/∂(μ̂, l̂) of the first encoding from KL (the coupling adds below).
@@ -164,13 +169,14 @@ class MLPTrainStep:
                                 lvh2.exp().mul_(1.0 / r).sub_(1.0).mul_(0.5 * inv_b)], dim=1)
 
         # Decoder backward: ∂o = ∂x̃ ⊙ x̃(1 − x̃), then the layers down to ∂z.
+        slope = torch.addcmul(x_rec, x_rec, x_rec, value=-1.0)  # x̃(1 − x̃) = x̃ − x̃²
         if vae.likelihood == "gaussian":
-            d_x = (x_rec - xf).mul_(inv_b / vae.obs_var)
+            d_o = residual.mul_(slope).mul_(inv_b / vae.obs_var)
         else:
             p = x_rec.clamp(obj.BERNOULLI_EPS, 1.0 - obj.BERNOULLI_EPS)
             d_x = ((1.0 - xf) / (1.0 - p) - xf / p).mul_(inv_b)
             d_x.mul_((x_rec >= obj.BERNOULLI_EPS) & (x_rec <= 1.0 - obj.BERNOULLI_EPS))
-        d_o = d_x.mul_(x_rec).mul_(1.0 - x_rec)
+            d_o = d_x.mul_(slope)
         d_z = _backward(self.dec, hd, d_o, input_grad=True)
         assert d_z is not None
 

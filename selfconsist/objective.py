@@ -73,8 +73,14 @@ def gaussian_log_likelihood(x: Tensor, x_mean: Tensor, obs_var: float) -> Tensor
 
     log p(x|z) = −‖x − g(z)‖² / (2v) − (D/2) log(2πv).
     """
-    d = x[0].numel()
-    sq = _sum_per_item((x - x_mean).pow(2))
+    return gaussian_log_likelihood_of_residual(x - x_mean, obs_var)
+
+
+def gaussian_log_likelihood_of_residual(residual: Tensor, obs_var: float) -> Tensor:
+    r""":func:`gaussian_log_likelihood` from the residual r = g(z) − x (either sign):
+    −‖r‖² / (2v) − (D/2) log(2πv). ``mlp_step`` reuses r for the gradient (g(z) − x)/v."""
+    d = residual[0].numel()
+    sq = _sum_per_item(residual.pow(2))
     return -sq / (2.0 * obs_var) - 0.5 * d * (LOG_2PI + math.log(obs_var))
 
 
