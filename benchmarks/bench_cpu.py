@@ -7,7 +7,9 @@ conv, 3×64×64, channels 64/128/128; batch 8), times the tune step (``posthoc_t
 + Adam, as ``selfconsist tune`` runs it) under
 
 * ``fp32-unfused``: eager fp32 with PyTorch's default (foreach) Adam, as tune ran before;
-* ``fp32``: eager fp32, fused Adam, as ``tune`` builds it now;
+* ``fp32``: eager fp32 (autograd), fused Adam, as ``tune`` runs the conv VAE;
+* ``fp32-hand`` (MLP only): the hand-derived step (``mlp_step.MLPTuneStep``), as ``tune`` runs
+  the built-in MLP in fp32 on CPU;
 * ``fast``: bf16 autocast (CPUs with bf16 units only), fused Adam, channels_last for the conv.
 
 ``--linear default`` runs the built-in models' fp32 linear layers on PyTorch's default gemm
@@ -77,7 +79,10 @@ def count_flops(step, onednn: bool) -> int:
     return fc.get_total_flops()
 
 
-def make_step(vae, batch: int, precision: str, fused: bool):
+def make_step(vae, batch: int, precision: str, fused: bool, hand: bool = False):
+    """tune's step by autograd on ``posthoc_terms``, or (``hand``) the built-in MLP's
+    hand-derived ``mlp_step.MLPTuneStep``, which ``tune`` runs for that model in fp32 on CPU."""
+    from selfconsist import mlp_step
     from selfconsist import objective as obj
     from selfconsist.posthoc import posthoc_terms
     from selfconsist.runtime import autocast
@@ -92,8 +97,14 @@ def make_step(vae, batch: int, precision: str, fused: bool):
     gen = torch.Generator().manual_seed(0)
     ctx = torch.device("cpu")
 
+    hand_step = mlp_step.MLPTuneStep(vae, cfg) if hand else None
+
     def step() -> None:
         z0 = vae.sample_prior(batch, gen)
+        if hand_step is not None:
+            hand_step(z0, vae.obs_var, gen)
+            opt.step()
+            return
         with autocast(ctx, precision):
             terms = posthoc_terms(vae, z0, cfg, vae.obs_var, gen)
         loss = -obj.avae_objective(terms["log_lik"], terms["kl"], terms["coupling"],
@@ -206,13 +217,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     }
     rows = []
     for name, (mcfg, batch) in models.items():
-        for path in ("fp32-unfused", "fp32", "fast"):
+        for path in ("fp32-unfused", "fp32", "fp32-hand", "fast"):
+            if path == "fp32-hand" and mcfg.arch != "mlp":
+                continue
             precision = "bf16" if path == "fast" and peak16 else "fp32"
             vae = BuiltinVAE(mcfg)
             if path == "fast" and mcfg.arch == "conv":
                 vae.encoder.to(memory_format=torch.channels_last)
                 vae.decoder.to(memory_format=torch.channels_last)
-            step = make_step(vae, batch, precision, fused=path != "fp32-unfused")
+            step = make_step(vae, batch, precision, fused=path != "fp32-unfused", hand=path == "fp32-hand")
             flops = count_flops(step, onednn)
             secs = time_step(step, args.reps)
             gflops = flops / secs / 1e9

@@ -1,10 +1,10 @@
-"""In-process A/B of the ``selfconsist train`` step's variants on ColorMNIST: which gemm, which
-way the gradients are computed, and whether denormals are flushed.
+"""In-process A/B of the ``selfconsist train`` (or ``tune``) step's variants on ColorMNIST: which
+gemm, which way the gradients are computed, and whether denormals are flushed.
 
 Each variant is a string ``STEP-GEMM-DENORMALS``:
 
 * STEP ``hand`` (the built-in MLP's hand-derived step, ``selfconsist/mlp_step.py``) or
-  ``autograd`` (``train.AutogradStep``);
+  ``autograd`` (``train.AutogradStep``; with ``--recipe tune``, ``posthoc_terms`` and backward);
 * GEMM ``mkl`` (PyTorch's default fp32 gemm) or ``onednn`` (``models.Linear`` on oneDNN);
 * DENORMALS ``ftz`` (flushed to zero, as ``train`` runs on CPU) or ``keep``.
 
@@ -14,6 +14,9 @@ run in progress (a fresh model makes no denormals); every variant then continues
 of it, and the variants run in alternated blocks of ``--block`` steps, ``--blocks`` times. The
 report is each variant's median steps/s and its paired-median ratio to the first variant: on a
 shared machine whose speed drifts, only the ratios within one run mean anything.
+
+``--recipe tune`` times ``tune``'s step instead, at the built-in family's resolved defaults
+(batch 128, λ_rec 5, sample noise, the model's v), on the same warmed-up VAE as base model.
 
     OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/train_step_ab.py --objective avae \\
         --variants autograd-onednn-keep,autograd-mkl-keep,hand-mkl-keep,hand-mkl-ftz
@@ -57,10 +60,40 @@ def variant_step(base, base_opt, rho: float | None, step: str, x_all: torch.Tens
     return run
 
 
+def tune_variant_step(base, step: str, seed: int) -> Callable[[], float]:
+    """``tune``'s step on a copy of ``base`` at the built-in family's defaults, by ``step``."""
+    from selfconsist import mlp_step
+    from selfconsist.posthoc import avae_loss, posthoc_terms
+    from selfconsist.runtime import adam
+    from selfconsist.tune import TuneConfig, resolve_config
+
+    vae = copy.deepcopy(base)
+    cfg = resolve_config(vae, TuneConfig(device="cpu")).config
+    vae.freeze_decoder()
+    params = [p for p in vae.encoder_parameters() if p.requires_grad]
+    opt = adam(params, cfg.lr, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(seed)
+    hand = mlp_step.MLPTuneStep(vae, cfg) if step == "hand" else None
+
+    def run() -> float:
+        z0 = vae.sample_prior(cfg.batch_size, gen)
+        if hand is not None:
+            loss, _ = hand(z0, vae.obs_var, gen)
+        else:
+            loss = avae_loss(posthoc_terms(vae, z0, cfg, vae.obs_var, gen), cfg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        opt.step()
+        return loss.item()
+
+    return run
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mnist", type=Path, default=Path("/work/shared/data/mnist"))
-    p.add_argument("--objective", choices=("vae", "avae"), default="avae")
+    p.add_argument("--recipe", choices=("train", "tune"), default="train")
+    p.add_argument("--objective", choices=("vae", "avae"), default="avae", help="train's objective")
     p.add_argument("--variants", default="autograd-mkl-keep,hand-mkl-keep,hand-mkl-ftz")
     p.add_argument("--warmup", type=int, default=300)
     p.add_argument("--blocks", type=int, default=10)
@@ -91,7 +124,9 @@ def main(argv: list[str] | None = None) -> None:
         step, gemm, denormals = name.split("-")
         if step not in ("hand", "autograd") or gemm not in ("mkl", "onednn") or denormals not in ("ftz", "keep"):
             p.error(f"bad variant {name!r}: STEP-GEMM-DENORMALS, e.g. hand-mkl-ftz")
-        runs[name] = (gemm == "onednn", denormals == "ftz", variant_step(base, opt, rho, step, x_all, 1), [])
+        run = (variant_step(base, opt, rho, step, x_all, 1) if args.recipe == "train"
+               else tune_variant_step(base, step, 1))
+        runs[name] = (gemm == "onednn", denormals == "ftz", run, [])
     was = models.ONEDNN_LINEAR["on"]
     try:
         for _ in range(args.blocks):
@@ -108,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_flush_denormal(False)
         models.use_onednn_linear(was)
     ref = runs[names[0]][3]
-    print(json.dumps({"objective": args.objective, "threads": torch.get_num_threads(),
+    print(json.dumps({"recipe": args.recipe, "objective": args.objective, "threads": torch.get_num_threads(),
                       "cpu_capability": torch.backends.cpu.get_cpu_capability()}))
     for name, (_, _, _, rates) in runs.items():
         print(json.dumps({"variant": name, "steps_per_s": round(statistics.median(rates), 1),

@@ -2,8 +2,8 @@ r"""The built-in MLP's train step differentiated by hand: no autograd graph, one
 encoder backward passes.
 
 Why: at the paper's ColorMNIST size (MLP 4×200, latent 64, batch 64) the matrix products of an
-autograd step are under half its time; the rest is autograd's bookkeeping, ~150 small kernels and
-their allocations (``benchmarks/step_floor.py``). This step runs the same products with a few
+autograd step are under half its time; the rest is Adam, autograd's bookkeeping and ~150 small
+kernels with their allocations (``benchmarks/step_floor.py``). This step runs the same products with a few
 dozen fused elementwise ops, and for the AVAE it stacks the two encoder passes (on x and on the
 re-encoded x̃) into one backward of 2B rows, so the encoder's backward costs two products per
 layer instead of four. The math is :mod:`selfconsist.objective`'s, differentiated by hand;
@@ -32,11 +32,15 @@ coupling's gradient reaches the encoder only.
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
 from . import models
 from . import objective as obj
+from .adapters.base import VAEAdapter, randn
 from .adapters.builtin import BuiltinVAE
 
 #: Whether ``train`` takes this step where it :func:`supports` the model; the tests and
@@ -46,8 +50,10 @@ ENABLED = {"on": True}
 
 def supports(vae: BuiltinVAE) -> bool:
     """Whether :class:`MLPTrainStep` can run this model: the built-in MLP in fp32 on CPU (the
-    only device it was measured on)."""
-    return (vae.device.type == "cpu" and _is_mlp(vae)
+    only device it was measured on), whose ``encode``/``decode`` are the built-in ones (a
+    subclass that overrides them keeps the autograd step, which calls them)."""
+    own = type(vae).encode is BuiltinVAE.encode and type(vae).decode is BuiltinVAE.decode
+    return (own and vae.device.type == "cpu" and _is_mlp(vae)
             and all(p.dtype == torch.float32 for p in vae.encoder_parameters())
             and all(p.dtype == torch.float32 for p in vae.decoder_parameters()))
 
@@ -68,7 +74,7 @@ def _onednn(n_macs: int, device: torch.device) -> bool:
 
 
 def _product(a: Tensor, b: Tensor) -> Tensor:
-    """a @ b."""
+    """a @ b, on the gemm ``models.Linear`` would take for it (:func:`_onednn`)."""
     if _onednn(a.shape[0] * a.shape[1] * b.shape[1], a.device):
         return models._ONEDNN_LINEAR(a, b.t(), None, "none", [], "")
     return a @ b
@@ -87,13 +93,15 @@ def _forward(layers: list[nn.Linear], outs: list[Tensor]) -> None:
             out.relu_()
 
 
-def _backward(layers: list[nn.Linear], hs: list[Tensor], delta: Tensor, input_grad: bool
-              ) -> Tensor | None:
-    """Set ``.grad`` of every layer's ∂W, ∂b; return ∂loss/∂input if ``input_grad``."""
+def _backward(layers: list[nn.Linear], hs: list[Tensor], delta: Tensor, input_grad: bool,
+              weight_grads: bool = True) -> Tensor | None:
+    """Set ``.grad`` of every layer's ∂W, ∂b (unless not ``weight_grads``: a frozen network, only
+    passed through); return ∂loss/∂input if ``input_grad``."""
     for i in range(len(layers) - 1, -1, -1):
         lin = layers[i]
-        lin.weight.grad = _product(delta.t(), hs[i])
-        lin.bias.grad = delta.sum(0)
+        if weight_grads:
+            lin.weight.grad = _product(delta.t(), hs[i])
+            lin.bias.grad = delta.sum(0)
         if i > 0:  # ReLU: h > 0 exactly where a > 0
             delta = torch.ops.aten.threshold_backward(_product(delta, lin.weight), hs[i], 0.0)
         elif input_grad:
@@ -108,21 +116,28 @@ class MLPTrainStep:
     :func:`selfconsist.train.avae_step_terms` does (one ``randn`` of the mean's shape), writes
     every parameter's gradient into its ``.grad`` and returns ``(loss, terms)`` as plain tensors
     (no graph): the same per-item terms, so progress and the finite check read the same names.
-    ``rho=None`` trains the plain VAE.
+    ``rho=None`` trains the plain VAE. For :class:`MLPTuneStep` the decoder is frozen
+    (``decoder_grads=False``: the backward passes through it without its weight products) and the
+    reconstruction term is weighted by ``lambda_rec``.
     """
 
-    def __init__(self, vae: BuiltinVAE, rho: float | None) -> None:
+    def __init__(self, vae: BuiltinVAE, rho: float | None, *, lambda_rec: float = 1.0,
+                 decoder_grads: bool = True) -> None:
         if not _is_mlp(vae):
             raise ValueError("MLPTrainStep needs a built-in MLP VAE")
         self.vae, self.rho = vae, rho
+        self.lambda_rec, self.decoder_grads = lambda_rec, decoder_grads
         self.enc = _linears(vae.encoder.net)
         self.dec = _linears(vae.decoder.net)
         self.latent = vae.config.latent_dim
         self.prior = (vae.prior.mean, vae.prior.std)
 
     @torch.no_grad()
-    def __call__(self, x: Tensor, gen: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
+    def __call__(self, x: Tensor, gen: torch.Generator, obs_var: float | None = None
+                 ) -> tuple[Tensor, dict[str, Tensor]]:
+        """``obs_var``: the likelihood's v (default the model's own; tune passes its adaptive v)."""
         vae, rho, L = self.vae, self.rho, self.latent
+        v = vae.obs_var if obs_var is None else obs_var
         B = x.shape[0]
         m, s = self.prior
         # Activation buffers: rows :B for the pass on x, rows B: for the AVAE's pass on x̃, so
@@ -146,9 +161,9 @@ class MLPTrainStep:
         mh, lvh = obj.whiten(mean, logvar, m, s)
         if vae.likelihood == "gaussian":
             residual = x_rec - xf  # kept for the gradient (x̃ − x)/v
-            log_lik = obj.gaussian_log_likelihood_of_residual(residual, vae.obs_var)
+            log_lik = obj.gaussian_log_likelihood_of_residual(residual, v)
         else:
-            log_lik = obj.log_likelihood(xf, x_rec, vae.likelihood, vae.obs_var)
+            log_lik = obj.log_likelihood(xf, x_rec, vae.likelihood, v)
         terms = {"log_lik": log_lik, "kl": obj.kl_to_standard_normal(mh, lvh)}
         inv_b = 1.0 / B
 
@@ -170,14 +185,15 @@ class MLPTrainStep:
 
         # Decoder backward: ∂o = ∂x̃ ⊙ x̃(1 − x̃), then the layers down to ∂z.
         slope = torch.addcmul(x_rec, x_rec, x_rec, value=-1.0)  # x̃(1 − x̃) = x̃ − x̃²
+        w_rec = self.lambda_rec * inv_b
         if vae.likelihood == "gaussian":
-            d_o = residual.mul_(slope).mul_(inv_b / vae.obs_var)
+            d_o = residual.mul_(slope).mul_(w_rec / v)
         else:
             p = x_rec.clamp(obj.BERNOULLI_EPS, 1.0 - obj.BERNOULLI_EPS)
-            d_x = ((1.0 - xf) / (1.0 - p) - xf / p).mul_(inv_b)
+            d_x = ((1.0 - xf) / (1.0 - p) - xf / p).mul_(w_rec)
             d_x.mul_((x_rec >= obj.BERNOULLI_EPS) & (x_rec <= 1.0 - obj.BERNOULLI_EPS))
             d_o = d_x.mul_(slope)
-        d_z = _backward(self.dec, hd, d_o, input_grad=True)
+        d_z = _backward(self.dec, hd, d_o, input_grad=True, weight_grads=self.decoder_grads)
         assert d_z is not None
 
         # ∂(μ, log σ²) of the first encoding: sampling path + KL (+ coupling) seeds.
@@ -191,5 +207,31 @@ class MLPTrainStep:
         _backward(self.enc, he, d_enc, input_grad=False)
 
         bound = obj.avae_objective(terms["log_lik"], terms["kl"],
-                                   terms.get("coupling", torch.zeros((), device=x.device)), 1.0)
+                                   terms.get("coupling", torch.zeros((), device=x.device)), self.lambda_rec)
         return -bound.mean(), terms
+
+
+def tune_supports(vae: VAEAdapter, cfg: Any, precision: str, world_size: int) -> bool:
+    """Whether ``tune`` can take :class:`MLPTuneStep`: the built-in MLP in fp32 on CPU, the
+    ``avae`` objective with λ_rec > 0 and no anchor, one process."""
+    return (isinstance(vae, BuiltinVAE) and supports(vae) and cfg.objective == "avae"
+            and cfg.lambda_rec > 0 and cfg.anchor == 0 and precision == "fp32" and world_size == 1)
+
+
+class MLPTuneStep:
+    """``tune``'s step on model samples for the built-in MLP, gradients by hand: the terms of
+    :func:`selfconsist.posthoc.posthoc_terms` (x = g(z₀), plus √v·noise with ``sample_noise``),
+    with the same draws from the generator in the same order, and the encoder's gradients
+    written to ``.grad``; the frozen decoder is only passed through."""
+
+    def __init__(self, vae: BuiltinVAE, cfg: Any) -> None:
+        self.vae, self.sample_noise = vae, cfg.sample_noise
+        self.step = MLPTrainStep(vae, cfg.rho, lambda_rec=cfg.lambda_rec, decoder_grads=False)
+
+    @torch.no_grad()
+    def __call__(self, z0: Tensor, obs_var: float, gen: torch.Generator
+                 ) -> tuple[Tensor, dict[str, Tensor]]:
+        x = self.vae.decode(z0).float()
+        if self.sample_noise:
+            x = x + math.sqrt(obs_var) * randn(x.shape, gen, x.device)
+        return self.step(x, gen, obs_var)

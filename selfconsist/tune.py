@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import distributed, posthoc
+from . import distributed, mlp_step, posthoc
 from ._version import __version__
 from .adapters.base import VAEAdapter
 from .budget import MeasurementPlan, plan_measurement
@@ -315,6 +315,9 @@ class TuneRecipe:
             raise SelfconsistError("the adapter exposes no trainable encoder parameters")
         self.fast = cpu_fast_path(device, self.precision)
         self.opt = adam(self.params, cfg.lr, device)
+        # The built-in MLP's step differentiated by hand (mlp_step.py): the same terms, faster.
+        self.hand = (mlp_step.MLPTuneStep(vae, cfg) if mlp_step.ENABLED["on"] and mlp_step.tune_supports(
+            vae, cfg, self.precision, self.dist.world_size) else None)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, cfg))
         self.gen = torch.Generator().manual_seed(distributed.rank_seed(cfg.seed, self.dist.rank))
 
@@ -383,23 +386,31 @@ class TuneRecipe:
     def train_step(self) -> dict[str, Tensor]:
         """One optimiser step; returns the per-item terms and the loss (key ``loss``)."""
         cfg, dev = self.cfg, self.device
-        with autocast(dev, self.precision):  # refinement and iterates run in the step's precision
-            z0, idx = self.source.sample(cfg.batch_size, self.gen)
-            anchor_x = self.images[idx].to(dev) if self.anchor_q is not None else None
-            anchor_b = tuple(t[idx].to(dev) for t in self.anchor_q) if self.anchor_q is not None else None
-            terms = self.objective.terms(self.vae, z0, cfg, self.obs_var, self.gen, self.base,
-                                         anchor_x, anchor_b)
-        loss = self.objective.loss(terms, cfg)
-        try:
-            check_finite(self.step, self.dist.mean(loss))  # every rank stops together
-        except NonFiniteLossError as e:
-            raise nonfinite_stop(e, self.out, self.state_file) from None
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if self.hand is not None:  # gradients set by the step itself
+            z0, _ = self.source.sample(cfg.batch_size, self.gen)
+            loss, terms = self.hand(z0, self.obs_var, self.gen)
+            self._check_finite(loss)
+        else:
+            with autocast(dev, self.precision):  # refinement and iterates run in the step's precision
+                z0, idx = self.source.sample(cfg.batch_size, self.gen)
+                anchor_x = self.images[idx].to(dev) if self.anchor_q is not None else None
+                anchor_b = tuple(t[idx].to(dev) for t in self.anchor_q) if self.anchor_q is not None else None
+                terms = self.objective.terms(self.vae, z0, cfg, self.obs_var, self.gen, self.base,
+                                             anchor_x, anchor_b)
+            loss = self.objective.loss(terms, cfg)
+            self._check_finite(loss)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
         self.dist.average_gradients(self.params)  # (1/N) Σ_r g_r: N × B acts as one batch N·B
         self.opt.step()
         self.sched.step()
         return {**terms, "loss": loss}
+
+    def _check_finite(self, loss: Tensor) -> None:
+        try:
+            check_finite(self.step, self.dist.mean(loss))  # every rank stops together
+        except NonFiniteLossError as e:
+            raise nonfinite_stop(e, self.out, self.state_file) from None
 
     def train(self) -> None:
         """The loop. A SIGINT/SIGTERM during a step is acted on at its end: the state of the

@@ -68,6 +68,8 @@ def scripted(vae, z0, cfg, obs_var, gen, *rest):  # the test hook: this step's z
         O.reparameterize = orig
 
 P.posthoc_terms = scripted
+import selfconsist.mlp_step as M
+M.ENABLED["on"] = False  # the built-in MLP's hand-derived step does not call posthoc_terms
 cfg = T.TuneConfig(batch_size=b, **args["tune"])
 try:
     selfconsist.tune(args["model"], cfg, out=args["out"], resume=args["resume"], progress=False)

@@ -115,6 +115,12 @@ def test_train_takes_it_only_for_the_fp32_cpu_mlp() -> None:
     with pytest.raises(ValueError, match="MLP"):
         mlp_step.MLPTrainStep(conv, 0.9)
 
+    class OwnEncode(BuiltinVAE):  # a subclass that changes encode keeps the autograd step
+        def encode(self, x):
+            return super().encode(x)
+
+    assert not mlp_step.supports(OwnEncode(mlp.config, mlp.encoder, mlp.decoder))
+
 
 @pytest.mark.parametrize("objective", ["vae", "avae"])
 def test_whole_runs_agree_with_the_autograd_step(tmp_path, objective: str) -> None:
@@ -132,3 +138,81 @@ def test_whole_runs_agree_with_the_autograd_step(tmp_path, objective: str) -> No
         mlp_step.ENABLED["on"] = was
     for a, b in zip(_params(runs[True]), _params(runs[False]), strict=True):
         assert (a - b).abs().max() <= 1e-3 * a.abs().max()
+
+
+@pytest.mark.parametrize("sample_noise", [False, True])
+@pytest.mark.parametrize("lambda_rec", [1.0, 5.0])
+def test_tune_step_matches_posthoc_terms(sample_noise: bool, lambda_rec: float) -> None:
+    # float32: posthoc_terms computes the likelihood in float32 whatever the model's dtype
+    from types import SimpleNamespace
+
+    from selfconsist.posthoc import avae_loss, posthoc_terms
+
+    cfg = SimpleNamespace(rho=0.9, lambda_rec=lambda_rec, sample_noise=sample_noise, anchor=0.0,
+                          objective="avae")
+    vae = new_model(ModelConfig(arch="mlp", data_shape=(3, 6, 6), latent_dim=5, hidden=12, depth=3),
+                    seed=2)
+    vae.freeze_decoder()
+    z0 = torch.randn(6, 5, generator=torch.Generator().manual_seed(4))
+    enc = list(vae.encoder_parameters())
+    results = []
+    for hand in (False, True):
+        for p in enc:
+            p.grad = None
+        gen = torch.Generator().manual_seed(7)
+        if hand:
+            loss, terms = mlp_step.MLPTuneStep(vae, cfg)(z0, 0.03, gen)
+        else:
+            terms = posthoc_terms(vae, z0, cfg, 0.03, gen)
+            loss = avae_loss(terms, cfg)
+            loss.backward()
+        results.append((loss.detach(), {k: t.detach() for k, t in terms.items()},
+                        [p.grad.clone() for p in enc], gen.get_state()))
+    (la, ta, ga, sa), (lb, tb, gb, sb) = results
+    assert torch.equal(sa, sb)
+    assert torch.allclose(la, lb, rtol=1e-6)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert torch.allclose(ta[k], tb[k], rtol=1e-5, atol=1e-5), k
+    for a, b in zip(ga, gb, strict=True):
+        assert (a - b).abs().max() <= 1e-5 * a.abs().max()
+    assert all(p.grad is None for p in vae.decoder_parameters())
+
+
+def test_tune_takes_it_only_where_it_applies() -> None:
+    from types import SimpleNamespace
+
+    mlp = new_model(ModelConfig(arch="mlp", data_shape=(1, 8, 8)), seed=0)
+    cfg = SimpleNamespace(objective="avae", lambda_rec=5.0, anchor=0.0)
+    assert mlp_step.tune_supports(mlp, cfg, "fp32", 1)
+    assert not mlp_step.tune_supports(mlp, cfg, "bf16", 1)
+    assert not mlp_step.tune_supports(mlp, cfg, "fp32", 2)
+    for change in ({"objective": "cycle"}, {"lambda_rec": 0.0}, {"anchor": 0.1}):
+        assert not mlp_step.tune_supports(mlp, SimpleNamespace(**{**vars(cfg), **change}), "fp32", 1)
+
+
+@pytest.mark.parametrize("sample_noise", [False, True])
+def test_whole_tunes_agree_with_the_autograd_step(tmp_path, sample_noise: bool) -> None:
+    import selfconsist
+    from selfconsist.tune import TuneConfig
+
+    vae0 = new_model(ModelConfig(arch="mlp", data_shape=(1, 8, 8), latent_dim=8, hidden=32, depth=2), seed=0)
+    vae0.save(tmp_path / "base.safetensors", {})
+    was = mlp_step.ENABLED["on"]
+    results = {}
+    try:
+        for on in (True, False):
+            mlp_step.ENABLED["on"] = on
+            results[on] = selfconsist.tune(
+                selfconsist.load(tmp_path / "base.safetensors"),
+                TuneConfig(steps=40, batch_size=32, device="cpu", eval_samples=64, sample_noise=sample_noise),
+                out=tmp_path / f"{on}.safetensors", progress=False)
+    finally:
+        mlp_step.ENABLED["on"] = was
+    a, b = (selfconsist.load(tmp_path / f"{on}.safetensors") for on in (True, False))
+    for pa, pb in zip(a.encoder_parameters(), b.encoder_parameters(), strict=True):
+        assert (pa - pb).abs().max() <= 1e-3 * pa.abs().max()
+    for pa, p0 in zip(a.decoder_parameters(), vae0.decoder_parameters(), strict=True):
+        assert torch.equal(pa, p0)
+    assert results[True].after["sample_roundtrip_mse"]["value"] == pytest.approx(
+        results[False].after["sample_roundtrip_mse"]["value"], rel=1e-2)
