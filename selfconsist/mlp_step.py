@@ -14,12 +14,13 @@ Per linear layer ℓ (ReLU between layers, none after the last):
     a_ℓ = h_{ℓ−1} W_ℓᵀ + b_ℓ,   h_ℓ = relu(a_ℓ)
     ∂W_ℓ = δ_ℓᵀ h_{ℓ−1},   ∂b_ℓ = Σ_rows δ_ℓ,   δ_{ℓ−1} = (δ_ℓ W_ℓ) ⊙ [h_{ℓ−1} > 0]
 
-with δ_ℓ = ∂loss/∂a_ℓ and loss = −(1/B) Σ_items [log p(x|z) − KL(q ‖ p) + C(x)]. The seeds of
+with δ_ℓ = ∂loss/∂a_ℓ and loss = −(1/B) Σ_items [λ log p(x|z) − KL(q ‖ p) + C(x)] (λ = 1 for
+``train``, ``tune``'s λ_rec for :class:`MLPTuneStep`, whose decoder is frozen). The seeds of
 the backward pass, in whitened units (μ̂ = (μ − m)/s, l̂ = log σ² − 2 log s, r = 1 − ρ²):
 
     decoder output x̃ = sigmoid(o):   ∂o = ∂x̃ ⊙ x̃(1 − x̃)
-        Gaussian:  ∂x̃ = (x̃ − x)/(vB)
-        Bernoulli: ∂x̃ = −(x/p − (1 − x)/(1 − p))/B with p = x̃ inside [ε, 1 − ε], 0 outside (the clamp)
+        Gaussian:  ∂x̃ = λ(x̃ − x)/(vB)
+        Bernoulli: ∂x̃ = −λ(x/p − (1 − x)/(1 − p))/B with p = x̃ inside [ε, 1 − ε], 0 outside (the clamp)
     z = μ + e·σ:   ∂μ += ∂z,   ∂log σ² += ∂z ⊙ e·σ/2
     KL:            ∂μ̂ += μ̂/B,   ∂l̂ += (exp l̂ − 1)/(2B)
     C (AVAE):      ∂μ̂ += −ρ(μ̂′ − ρμ̂)/(rB),   ∂l̂ += ρ² exp l̂/(2rB)
