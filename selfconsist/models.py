@@ -99,7 +99,7 @@ def _onednn_is_faster() -> bool:
     Measured (docs/performance.md), train step, in-process A/B: on an AVX-512 AMD EPYC oneDNN
     1.2× faster (100–150 GFLOP/s at the MLP's shapes against MKL's 60–90); on an AVX2-only AMD
     EPYC MKL 1.07× faster; on an AVX-512 Intel Xeon MKL 1.22× (VAE) and 1.27× (AVAE) faster,
-    and the ColorMNIST MLP's tune step 1.25×.
+    and the ColorMNIST MLP's tune step 1.18–1.25×.
     A fixed property of the machine, so a resumed run takes the same path and stays
     bit-identical."""
     try:
