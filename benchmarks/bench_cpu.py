@@ -119,7 +119,6 @@ def make_step(vae, batch: int, precision: str, fused: bool, hand: bool = False):
 def make_train_step(adam: dict, hand: bool = False):
     """The ``selfconsist train`` step of the ColorMNIST MLP VAE at batch 64 (plain VAE term):
     by autograd, or the built-in MLP's hand-derived step (``hand``, what ``train`` runs)."""
-    from selfconsist import mlp_step
     from selfconsist.models import ModelConfig
     from selfconsist.train import new_model, train_step
 
@@ -128,9 +127,7 @@ def make_train_step(adam: dict, hand: bool = False):
     opt = torch.optim.Adam(params, lr=1e-3, **adam)
     gen = torch.Generator().manual_seed(0)
     x_all = torch.rand(1000, 3, 28, 28, generator=gen)
-    was, mlp_step.ENABLED["on"] = mlp_step.ENABLED["on"], hand
-    step_fn = train_step(vae, None)
-    mlp_step.ENABLED["on"] = was
+    step_fn = train_step(vae, None, hand=hand)
 
     def step() -> None:
         idx = torch.randint(1000, (64,), generator=gen)

@@ -69,7 +69,6 @@ def best_ms(fn, reps: int, inner: int = 20) -> float:
 def make_train_step(objective: str, hand: bool):
     """The ``selfconsist train`` step (batch 64) and its parameters and optimiser: the built-in
     MLP's hand-derived step (``hand``, what ``train`` runs) or the autograd one."""
-    from selfconsist import mlp_step
     from selfconsist.models import ModelConfig
     from selfconsist.runtime import adam
     from selfconsist.train import new_model, train_step
@@ -79,9 +78,7 @@ def make_train_step(objective: str, hand: bool):
     opt = adam(params, 1e-3, torch.device("cpu"))
     gen = torch.Generator().manual_seed(0)
     x_all = torch.rand(1000, 3, 28, 28, generator=gen)
-    was, mlp_step.ENABLED["on"] = mlp_step.ENABLED["on"], hand
-    step_fn = train_step(vae, 0.975 if objective == "avae" else None)
-    mlp_step.ENABLED["on"] = was
+    step_fn = train_step(vae, 0.975 if objective == "avae" else None, hand=hand)
 
     def step() -> None:
         idx = torch.randint(1000, (64,), generator=gen)

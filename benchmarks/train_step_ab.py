@@ -38,7 +38,6 @@ import torch
 def variant_step(base, base_opt, rho: float | None, step: str, x_all: torch.Tensor, seed: int
                  ) -> Callable[[], float]:
     """One train step of a copy of ``base`` (model and Adam state) by the ``step`` kind."""
-    from selfconsist import mlp_step
     from selfconsist.runtime import adam
     from selfconsist.train import train_step
 
@@ -47,9 +46,7 @@ def variant_step(base, base_opt, rho: float | None, step: str, x_all: torch.Tens
     opt = adam(params, 1e-3, torch.device("cpu"))
     opt.load_state_dict(base_opt.state_dict())
     gen = torch.Generator().manual_seed(seed)
-    was, mlp_step.ENABLED["on"] = mlp_step.ENABLED["on"], step == "hand"
-    step_fn = train_step(vae, rho)
-    mlp_step.ENABLED["on"] = was
+    step_fn = train_step(vae, rho, hand=step == "hand")
 
     def run() -> float:
         idx = torch.randint(x_all.shape[0], (64,), generator=gen)

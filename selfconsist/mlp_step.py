@@ -153,7 +153,7 @@ class MLPTrainStep:
         # Forward: encode x, sample z, decode.
         _forward(self.enc, [h[:B] for h in he])
         mean, logvar = he[-1][:B, :L], he[-1][:B, L:]
-        eps = torch.randn(mean.shape, generator=gen, device=gen.device, dtype=mean.dtype).to(mean.device)
+        eps = randn(mean.shape, gen, mean.device, mean.dtype)  # objective.reparameterize's draw
         sd = logvar.mul(0.5).exp_()
         torch.addcmul(mean, eps, sd, out=hd[0])  # z
         _forward(self.dec, hd)

@@ -40,25 +40,27 @@ def cpu_bf16_flags(cpuinfo: str) -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
+def _cpuinfo() -> str | None:
+    """The text of /proc/cpuinfo, or None where there is none (other systems than Linux)."""
+    info = Path("/proc/cpuinfo")
+    return info.read_text(errors="replace") if info.exists() else None
+
+
 def cpu_has_bf16() -> bool:
     """bf16 units on this CPU: /proc/cpuinfo where there is one (Linux), else oneDNN's check."""
-    info = Path("/proc/cpuinfo")
-    if info.exists():
-        return cpu_bf16_flags(info.read_text(errors="replace"))
+    info = _cpuinfo()
+    if info is not None:
+        return cpu_bf16_flags(info)
     check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     return bool(check()) if check is not None else False
 
 
 def cpu_vendor() -> str:
     """The CPU's vendor as Linux reports it (``GenuineIntel``, ``AuthenticAMD``), or "" where
-    /proc/cpuinfo is not readable (other systems)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    there is no /proc/cpuinfo (other systems)."""
+    for line in (_cpuinfo() or "").splitlines():
+        if line.startswith("vendor_id"):
+            return line.split(":", 1)[1].strip()
     return ""
 
 

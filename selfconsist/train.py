@@ -135,11 +135,13 @@ class AutogradStep:
         return loss.detach(), {k: v.detach() for k, v in terms.items()}
 
 
-def train_step(vae: BuiltinVAE, rho: float | None) -> AutogradStep | mlp_step.MLPTrainStep:
+def train_step(vae: BuiltinVAE, rho: float | None, hand: bool | None = None
+               ) -> AutogradStep | mlp_step.MLPTrainStep:
     """The step ``train`` runs: the hand-derived one for the built-in MLP in fp32 on CPU (the
     same objective, 1.1–1.2× faster per step: docs/performance.md), autograd otherwise or when
-    :data:`selfconsist.mlp_step.ENABLED` is off."""
-    if mlp_step.ENABLED["on"] and mlp_step.supports(vae):
+    :data:`selfconsist.mlp_step.ENABLED` is off. ``hand`` overrides that switch for this call
+    (the benchmarks compare the two steps; the hand-derived one still needs a model it supports)."""
+    if (mlp_step.ENABLED["on"] if hand is None else hand) and mlp_step.supports(vae):
         return mlp_step.MLPTrainStep(vae, rho)
     return AutogradStep(vae, rho)
 
