@@ -15,7 +15,7 @@ conv, 3×64×64, channels 64/128/128; batch 8), times the tune step (``posthoc_t
 ``--linear default`` runs the built-in models' fp32 linear layers on PyTorch's default gemm
 (MKL), ``--linear onednn`` on oneDNN (``models.Linear``); ``--malloc default`` leaves glibc's
 allocator as it is (how tune and train ran before issue 22). By default the benchmark runs as
-they do now: oneDNN on non-Intel CPUs with AVX-512, MKL elsewhere, and
+they do now: oneDNN on AMD CPUs with full-width AVX-512 (Zen 5), MKL elsewhere, and
 ``runtime.keep_freed_memory`` first. The ``train`` rows run the step with autograd (three Adam
 variants) and the built-in MLP's hand-derived step (``selfconsist/mlp_step.py``).
 
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    "(runtime.keep_freed_memory); default: glibc's own behaviour (train and tune "
                    "before issue 22)")
     p.add_argument("--linear", choices=("auto", "onednn", "default"), default="auto",
-                   help="auto: as tune and train run them (oneDNN on non-Intel AVX-512 CPUs, else MKL); "
+                   help="auto: as tune and train run them (oneDNN on full-width AVX-512 AMD CPUs, else MKL); "
                    "onednn: built-in models' fp32 CPU linear layers on oneDNN; default: "
                    "PyTorch's default gemm (MKL; before issue 22)")
     args = p.parse_args(argv)

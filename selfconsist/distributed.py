@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from .errors import SelfconsistError
+from .runtime import log
 
 #: Rank r's generator seed is ``seed + r · RANK_SEED_STRIDE``: streams far apart, rank 0 = seed.
 RANK_SEED_STRIDE = 2**32
@@ -169,7 +170,21 @@ def setup(device: torch.device) -> DistContext:
                        backend=dist.get_backend())
 
 
-def teardown() -> None:
-    """Leave the process group if one was joined (gloo processes can hang at exit otherwise)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+def teardown(wait_for_peers: bool = False) -> None:
+    """Leave the process group if one was joined (gloo processes can hang at exit otherwise).
+
+    ``wait_for_peers`` (a run that ended normally): first wait, up to a minute, until every rank
+    has got here, so that no rank closes its end of a connection a peer is still using; a gloo
+    process whose peer left first can abort at exit ("terminate called without an active
+    exception", exit −6) after a run that succeeded. A rank that failed does not wait."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if wait_for_peers:
+        try:
+            if torch.distributed.get_backend() == "gloo":
+                torch.distributed.monitored_barrier(timeout=timedelta(seconds=60))
+            else:
+                torch.distributed.barrier()
+        except RuntimeError as e:  # a peer that failed or left: leave anyway
+            log.warning("distributed: a peer did not reach the end of the run: %s", e)
+    torch.distributed.destroy_process_group()

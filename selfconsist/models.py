@@ -94,23 +94,28 @@ _ONEDNN_LINEAR = _onednn_linear_op()
 
 
 def _onednn_is_faster() -> bool:
-    """Whether this CPU is one where oneDNN's fp32 gemm beats PyTorch's default (MKL): non-Intel
-    CPUs with AVX-512, whose wide kernels oneDNN uses and MKL, off Intel CPUs, does not.
-    Measured (docs/performance.md), train step, in-process A/B: on an AVX-512 AMD EPYC oneDNN
-    1.2× faster (100–150 GFLOP/s at the MLP's shapes against MKL's 60–90); on an AVX2-only AMD
-    EPYC MKL 1.07× faster; on an AVX-512 Intel Xeon MKL 1.22× (VAE) and 1.27× (AVAE) faster,
-    and the ColorMNIST MLP's tune step 1.18–1.25×.
+    """Whether this CPU is one where oneDNN's fp32 gemm beats PyTorch's default (MKL): AMD CPUs
+    whose AVX-512 units are full width (Zen 5, family 26 and later). Off Intel CPUs MKL runs its
+    AVX2 kernels, which on a Zen 5 use half of each vector unit; Zen 4 (family 25) executes
+    AVX-512 on 256-bit units, so there AVX2 loses nothing.
+    Measured (docs/performance.md), train step, in-process A/B:
+    - AVX-512 AMD EPYC of the first sessions (family not recorded; MKL's 1024³ sgemm at
+      58–69 GFLOP/s against oneDNN's 129–143, the two-to-one of a full-width unit): oneDNN 1.2×;
+    - Zen 4 EPYC (family 25; MKL 85–91 against oneDNN 106 at 1024³, level at the MLP's
+      shapes): MKL 1.06× (hand-derived step) and 1.07–1.10× (autograd);
+    - AVX2-only AMD EPYC: MKL 1.07×; AVX-512 Intel Xeon: MKL 1.22–1.27×.
     A fixed property of the machine, so a resumed run takes the same path and stays
     bit-identical."""
     try:
         wide = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
     except (AttributeError, RuntimeError):
         return False
-    return wide and runtime.cpu_vendor() not in ("GenuineIntel", "")
+    family = runtime.cpu_family()
+    return wide and runtime.cpu_vendor() == "AuthenticAMD" and family is not None and family >= 26
 
 
 #: Whether built-in models run their fp32 CPU linear layers (forward and backward) on oneDNN:
-#: where the build has it and the CPU is a non-Intel one with AVX-512 (:func:`_onednn_is_faster`).
+#: where the build has it and the CPU is an AMD one with full-width AVX-512 (:func:`_onednn_is_faster`).
 #: :func:`use_onednn_linear` switches it (the tests and benchmarks).
 ONEDNN_LINEAR = {"on": _ONEDNN_LINEAR is not None and _onednn_is_faster()}
 #: The smallest product (batch × in × out multiply-adds) that goes to oneDNN: below it the

@@ -74,10 +74,13 @@ cfg = T.TuneConfig(batch_size=b, **args["tune"])
 try:
     selfconsist.tune(args["model"], cfg, out=args["out"], resume=args["resume"], progress=False)
 except Interrupted as e:
+    teardown()
     print(json.dumps({"rank": rank, "step": e.step}))
     sys.exit(e.exit_code)
-finally:
+except BaseException:
     teardown()
+    raise
+teardown(wait_for_peers=True)  # as the CLI leaves a run that ended normally
 '''
 
 

@@ -119,3 +119,22 @@ def test_onednn_linear_matches_the_default_gemm_in_value_and_gradient() -> None:
         assert layer(x).dtype == torch.bfloat16
     assert type(layer(x).grad_fn).__name__ == "_OneDNNLinearFnBackward" or not was
     assert type(layer(x[:8]).grad_fn).__name__ == "AddmmBackward0"  # too small for oneDNN
+
+
+@pytest.mark.parametrize(("vendor", "family", "capability", "onednn"), [
+    ("AuthenticAMD", 26, "AVX512", True),    # Zen 5: full-width AVX-512, MKL runs AVX2 on it
+    ("AuthenticAMD", 25, "AVX512", False),   # Zen 4: 256-bit units, MKL as fast
+    ("AuthenticAMD", 26, "AVX2", False),
+    ("GenuineIntel", 6, "AVX512", False),    # MKL's own AVX-512 kernels
+    (None, None, "AVX512", False),           # no /proc/cpuinfo
+])
+def test_onednn_is_chosen_only_on_full_width_avx512_amd_cpus(monkeypatch, vendor, family,
+                                                             capability, onednn) -> None:
+    from selfconsist import models, runtime
+
+    text = None if vendor is None else f"vendor_id\t: {vendor}\ncpu family\t: {family}\nmodel\t\t: 17\n"
+    monkeypatch.setattr(runtime, "_cpuinfo", lambda: text)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert runtime.cpu_vendor() == (vendor or "")
+    assert runtime.cpu_family() == family
+    assert models._onednn_is_faster() is onednn

@@ -105,8 +105,10 @@ def tune(
     try:
         result = run(vae, cfg, out, resume=resume, overwrite=overwrite, progress=True,
                      metadata={META_PREFIX + "command": command}, example=example, advise=False)
-    finally:
+    except BaseException:
         teardown()  # leave a torchrun process group (a no-op in a single process)
+        raise
+    teardown(wait_for_peers=True)
     if not is_main_process():  # torchrun: rank 0 prints and pushes
         return
     _print_table(result.before, result.after, result.latent_shift, result.advice)
