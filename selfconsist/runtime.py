@@ -31,13 +31,28 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def cpu_bf16_flags(cpuinfo: str) -> bool:
-    """Whether a /proc/cpuinfo text lists native bf16 arithmetic (AVX-512 BF16 or AMX-BF16)."""
-    flags = set()
+def _flags(cpuinfo: str) -> set[str]:
+    flags: set[str] = set()
     for line in cpuinfo.splitlines():
         if line.startswith("flags"):
             flags.update(line.split(":", 1)[-1].split())
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return flags
+
+
+def cpu_bf16_flags(cpuinfo: str) -> bool:
+    """Whether a /proc/cpuinfo text lists native bf16 arithmetic (AVX-512 BF16 or AMX-BF16)."""
+    return bool(_flags(cpuinfo) & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_bf16_faster_flags(cpuinfo: str) -> bool:
+    """Whether a /proc/cpuinfo text names a CPU on which PyTorch's bf16 gemm beats its fp32 one:
+    AMX tiles, or AVX-512 BF16 on an AMD CPU. Measured (docs/performance.md, single-thread
+    1024³): AMD EPYCs with avx512_bf16 ran bf16 at 2–2.8× the best fp32 rate; an Intel Xeon with
+    avx512_bf16 and no AMX at half its fp32 rate, which made ``tune`` 1.4–2× slower in bf16."""
+    flags = _flags(cpuinfo)
+    amd = any(line.split(":", 1)[-1].strip() == "AuthenticAMD"
+              for line in cpuinfo.splitlines() if line.startswith("vendor_id"))
+    return "amx_bf16" in flags or ("avx512_bf16" in flags and amd)
 
 
 def _cpuinfo() -> str | None:
@@ -62,6 +77,13 @@ def _cpuinfo_field(name: str) -> str:
         if key.strip() == name:
             return value.strip()
     return ""
+
+
+def cpu_bf16_is_faster() -> bool:
+    """bf16 gemm faster than fp32 on this CPU (:func:`cpu_bf16_faster_flags`); where there is no
+    /proc/cpuinfo, that it has bf16 units at all."""
+    info = _cpuinfo()
+    return cpu_bf16_faster_flags(info) if info is not None else cpu_has_bf16()
 
 
 def cpu_vendor() -> str:
@@ -115,17 +137,19 @@ PRECISIONS = ("fp32", "bf16", "auto")
 
 
 def resolve_precision(device: torch.device, precision: str) -> str:
-    """``auto`` → bf16 where the hardware has bf16 units (a CUDA GPU that supports it, or a CPU
-    with avx512_bf16/amx_bf16), else fp32; fp32 and bf16 are returned as given.
+    """``auto`` → bf16 where the hardware runs it faster than fp32 (a CUDA GPU that supports it,
+    or a CPU of :func:`cpu_bf16_is_faster`: AMX, or AVX-512 BF16 on AMD), else fp32; fp32 and
+    bf16 are returned as given (``bf16`` runs on any CPU with bf16 units).
 
     bf16 is the faster choice there (≈2× the fp32 gemm/conv rate) and holds the tuned figures
-    within seed noise (``benchmarks/bf16_vs_fp32.md``)."""
+    within seed noise (``benchmarks/bf16_vs_fp32.md``). A fixed property of the machine, so a
+    resumed ``auto`` run resolves to the same precision."""
     if precision != "auto":
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     if device.type == "cpu":
-        return "bf16" if cpu_has_bf16() else "fp32"
+        return "bf16" if cpu_bf16_is_faster() else "fp32"
     return "fp32"
 
 

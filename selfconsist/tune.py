@@ -125,7 +125,7 @@ class TuneConfig:
     schedule: str | None = setting("cosine", "Learning-rate decay after warmup.", _OPT, choices=SCHEDULES)
     warmup_steps: int | None = setting(0, "Linear learning-rate warmup steps.", _OPT)
     precision: str | None = setting("fp32", "fp32, bf16 autocast (CUDA or bf16 CPUs), or auto: bf16 "
-                                    "where the hardware has bf16 units (OUT records which ran).",
+                                    "where the hardware runs it faster (OUT records which ran).",
                                     _OPT, choices=PRECISIONS)
     seed: int | None = setting(0, "Seed for z₀ draws and noise.", _RUN)
     device: str | None = setting("auto", "cpu, cuda or auto.", _RUN)

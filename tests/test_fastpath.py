@@ -15,6 +15,18 @@ def test_bf16_flag_detection() -> None:
     assert not cpu_bf16_flags("")
 
 
+@pytest.mark.parametrize(("vendor", "flags", "faster"), [
+    ("AuthenticAMD", "avx512f avx512_bf16", True),     # Zen 4/5: bf16 gemm 2-2.8x fp32
+    ("GenuineIntel", "avx512f avx512_bf16", False),    # no AMX: bf16 gemm at half fp32's rate
+    ("GenuineIntel", "avx512_bf16 amx_bf16 amx_tile", True),
+    ("AuthenticAMD", "avx512f avx2", False),
+])
+def test_auto_takes_bf16_only_where_its_gemm_is_faster(vendor, flags, faster) -> None:
+    from selfconsist.runtime import cpu_bf16_faster_flags
+
+    assert cpu_bf16_faster_flags(f"vendor_id\t: {vendor}\nflags\t\t: fpu {flags}\n") is faster
+
+
 @pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no bf16 units")
 def test_cpu_bf16_autocast_runs_matmuls_in_bf16(digits_model) -> None:
     import selfconsist
@@ -60,9 +72,9 @@ def test_auto_precision_follows_the_hardware(monkeypatch) -> None:
 
     cpu = torch.device("cpu")
     assert resolve_precision(cpu, "fp32") == "fp32" and resolve_precision(cpu, "bf16") == "bf16"
-    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(runtime, "cpu_bf16_is_faster", lambda: True)
     assert resolve_precision(cpu, "auto") == "bf16"
-    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(runtime, "cpu_bf16_is_faster", lambda: False)
     assert resolve_precision(cpu, "auto") == "fp32"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert resolve_precision(torch.device("cuda"), "auto") == "fp32"
@@ -91,7 +103,7 @@ def test_auto_precision_is_recorded_as_what_ran(tmp_path, monkeypatch, has_bf16)
 
     if has_bf16 and not cpu_has_bf16():
         pytest.skip("this CPU has no bf16 units")
-    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: has_bf16)
+    monkeypatch.setattr(runtime, "cpu_bf16_is_faster", lambda: has_bf16)
     out = tmp_path / "t.safetensors"
     selfconsist.tune(BuiltinVAE(ModelConfig(latent_dim=4, hidden=16, depth=2)),
                      TuneConfig(steps=2, batch_size=8, device="cpu", precision="auto",
