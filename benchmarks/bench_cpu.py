@@ -196,7 +196,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     kept = keep_freed_memory(torch.device("cpu")) if args.malloc == "keep" else False
     onednn = (ONEDNN_LINEAR["on"] if args.linear == "auto"
               else use_onednn_linear(args.linear == "onednn"))
-    print(json.dumps({"malloc": args.malloc, "kept_freed_memory": kept, "onednn_linear": onednn}),
+    from selfconsist.runtime import cpu_family, cpu_vendor, cpuinfo_field
+
+    print(json.dumps({"malloc": args.malloc, "kept_freed_memory": kept, "onednn_linear": onednn,
+                      "cpu": [cpu_vendor(), cpu_family(), cpuinfo_field("model")]}),
           flush=True)
 
     torch.manual_seed(0)

@@ -200,9 +200,20 @@ def main(argv: list[str] | None = None) -> None:
             f"{datetime.date.today().isoformat()}, commit {commit}, {args.rounds} rounds, "
             f"both `taskset -c {args.core}` with `OMP_NUM_THREADS=1`, alternated; steady state "
             f"between steps {a} and {b} of {args.steps}; ColorMNIST MLP 4×200, latent 64, batch 64, "
-            "v 0.05, ρ 0.975, Adam 1e-3. On the shared 2-core dev machine (other jobs running), so "
-            "compare the paired ratios, not the absolute rates.\n\n"
+            f"v 0.05, ρ 0.975, Adam 1e-3. CPU: {cpu_description()}. On the shared 2-core dev "
+            "machine (other jobs running), so compare the paired ratios, not the absolute rates.\n\n"
             f"    {cmdline}\n\n" + "\n".join(rows) + "\n")
+
+
+def cpu_description() -> str:
+    """Vendor, family and model as /proc/cpuinfo gives them, and PyTorch's vector capability:
+    which gemm is faster depends on them (``models._onednn_is_faster``)."""
+    import torch
+
+    from selfconsist import runtime
+
+    return (f"{runtime.cpu_vendor() or 'unknown vendor'}, family {runtime.cpu_family()}, model "
+            f"{runtime.cpuinfo_field('model') or '?'}, {torch.backends.cpu.get_cpu_capability()}")
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ def cpu_has_bf16() -> bool:
     return bool(check()) if check is not None else False
 
 
-def _cpuinfo_field(name: str) -> str:
+def cpuinfo_field(name: str) -> str:
     """The first value of ``name`` in /proc/cpuinfo, or "" where there is none."""
     for line in (_cpuinfo() or "").splitlines():
         key, _, value = line.partition(":")
@@ -89,13 +89,13 @@ def cpu_bf16_is_faster() -> bool:
 def cpu_vendor() -> str:
     """The CPU's vendor as Linux reports it (``GenuineIntel``, ``AuthenticAMD``), or "" where
     there is no /proc/cpuinfo (other systems)."""
-    return _cpuinfo_field("vendor_id")
+    return cpuinfo_field("vendor_id")
 
 
 def cpu_family() -> int | None:
     """The CPU's family number as Linux reports it (AMD: 25 = Zen 3 and Zen 4, 26 = Zen 5), or
     None where there is no /proc/cpuinfo."""
-    value = _cpuinfo_field("cpu family")
+    value = cpuinfo_field("cpu family")
     return int(value) if value.isdigit() else None
 
 
