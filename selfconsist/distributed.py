@@ -173,18 +173,17 @@ def setup(device: torch.device) -> DistContext:
 def teardown(wait_for_peers: bool = False) -> None:
     """Leave the process group if one was joined (gloo processes can hang at exit otherwise).
 
-    ``wait_for_peers`` (a run that ended normally): first wait, up to a minute, until every rank
-    has got here, so that no rank closes its end of a connection a peer is still using; a gloo
+    ``wait_for_peers`` (a run that ended normally, gloo): first wait, up to a minute, until every
+    rank has got here, so that no rank closes its end of a connection a peer is still using; a gloo
     process whose peer left first can abort at exit ("terminate called without an active
     exception", exit −6) after a run that succeeded. A rank that failed does not wait."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
-    if wait_for_peers:
+    # Only gloo: its monitored_barrier has a timeout of its own, where nccl's barrier would wait
+    # for the group's (TIMEOUT) if a peer failed after the last collective.
+    if wait_for_peers and torch.distributed.get_backend() == "gloo":
         try:
-            if torch.distributed.get_backend() == "gloo":
-                torch.distributed.monitored_barrier(timeout=timedelta(seconds=60))
-            else:
-                torch.distributed.barrier()
+            torch.distributed.monitored_barrier(timeout=timedelta(seconds=60))
         except RuntimeError as e:  # a peer that failed or left: leave anyway
             log.warning("distributed: a peer did not reach the end of the run: %s", e)
     torch.distributed.destroy_process_group()

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from selfconsist.adapters.builtin import new_model
-from selfconsist.distributed import DistContext, env_world, rank_seed
+from selfconsist.distributed import DistContext, env_world, rank_seed, teardown
 from selfconsist.errors import SelfconsistError
 from selfconsist.models import ModelConfig
 
@@ -247,3 +247,18 @@ def test_a_signal_to_one_rank_stops_both_after_the_same_step(runs) -> None:
     assert state["step"] == 3 and state["world_size"] == 2
     r0, r1 = state["rng_ranks"]
     assert not torch.equal(r0["generator"], r1["generator"])
+
+
+def test_teardown_after_a_normal_end_waits_then_leaves(monkeypatch) -> None:
+    """A one-process gloo group: the barrier passes at once and the group is destroyed."""
+    import torch.distributed as dist
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    waited = []
+    real = dist.monitored_barrier
+    monkeypatch.setattr(dist, "monitored_barrier", lambda **kw: waited.append(kw) or real(**kw))
+    teardown(wait_for_peers=True)
+    assert not dist.is_initialized() and len(waited) == 1
+    teardown(wait_for_peers=True)  # no group: a no-op
