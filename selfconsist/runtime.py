@@ -3,6 +3,7 @@ guard, and stopping cleanly on SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -50,13 +51,14 @@ def cpu_bf16_faster_flags(cpuinfo: str) -> bool:
     1024³): AMD EPYCs with avx512_bf16 ran bf16 at 2–2.8× the best fp32 rate; an Intel Xeon with
     avx512_bf16 and no AMX at half its fp32 rate, which made ``tune`` 1.4–2× slower in bf16."""
     flags = _flags(cpuinfo)
-    amd = any(line.split(":", 1)[-1].strip() == "AuthenticAMD"
-              for line in cpuinfo.splitlines() if line.startswith("vendor_id"))
+    amd = _field(cpuinfo, "vendor_id") == "AuthenticAMD"
     return "amx_bf16" in flags or ("avx512_bf16" in flags and amd)
 
 
+@functools.cache
 def _cpuinfo() -> str | None:
-    """The text of /proc/cpuinfo, or None where there is none (other systems than Linux)."""
+    """The text of /proc/cpuinfo, or None where there is none (other systems than Linux); read
+    once (start-up asks it for the vendor, the family and the flags)."""
     info = Path("/proc/cpuinfo")
     return info.read_text(errors="replace") if info.exists() else None
 
@@ -70,13 +72,18 @@ def cpu_has_bf16() -> bool:
     return bool(check()) if check is not None else False
 
 
-def cpuinfo_field(name: str) -> str:
-    """The first value of ``name`` in /proc/cpuinfo, or "" where there is none."""
-    for line in (_cpuinfo() or "").splitlines():
+def _field(cpuinfo: str, name: str) -> str:
+    """The first value of ``name`` in a /proc/cpuinfo text, or ""."""
+    for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")
         if key.strip() == name:
             return value.strip()
     return ""
+
+
+def cpuinfo_field(name: str) -> str:
+    """The first value of ``name`` in /proc/cpuinfo, or "" where there is none."""
+    return _field(_cpuinfo() or "", name)
 
 
 def cpu_bf16_is_faster() -> bool:
