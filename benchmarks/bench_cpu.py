@@ -10,7 +10,10 @@ conv, 3×64×64, channels 64/128/128; batch 8), times the tune step (``posthoc_t
 * ``fp32``: eager fp32 (autograd), fused Adam, as ``tune`` runs the conv VAE;
 * ``fp32-hand`` (MLP only): the hand-derived step (``mlp_step.MLPTuneStep``), as ``tune`` runs
   the built-in MLP in fp32 on CPU;
-* ``fast``: bf16 autocast (CPUs with bf16 units only), fused Adam, channels_last for the conv.
+* ``fast``: bf16 autocast (CPUs with bf16 units only), fused Adam, channels_last for the conv,
+  as ``tune --precision bf16`` runs the conv VAE;
+* ``fast-hand`` (MLP only): the hand-derived step in bf16 (``MLPTuneStep(..., "bf16")``), as
+  ``tune --precision bf16`` runs the built-in MLP on CPU.
 
 ``--linear default`` runs the built-in models' fp32 linear layers on PyTorch's default gemm
 (MKL), ``--linear onednn`` on oneDNN (``models.Linear``); ``--malloc default`` leaves glibc's
@@ -81,7 +84,7 @@ def count_flops(step, onednn: bool) -> int:
 
 def make_step(vae, batch: int, precision: str, fused: bool, hand: bool = False):
     """tune's step by autograd on ``posthoc_terms``, or (``hand``) the built-in MLP's
-    hand-derived ``mlp_step.MLPTuneStep``, which ``tune`` runs for that model in fp32 on CPU."""
+    hand-derived ``mlp_step.MLPTuneStep``, which ``tune`` runs for that model on CPU."""
     from selfconsist import mlp_step
     from selfconsist import objective as obj
     from selfconsist.posthoc import posthoc_terms
@@ -97,7 +100,7 @@ def make_step(vae, batch: int, precision: str, fused: bool, hand: bool = False):
     gen = torch.Generator().manual_seed(0)
     ctx = torch.device("cpu")
 
-    hand_step = mlp_step.MLPTuneStep(vae, cfg) if hand else None
+    hand_step = mlp_step.MLPTuneStep(vae, cfg, precision) if hand else None
 
     def step() -> None:
         z0 = vae.sample_prior(batch, gen)
@@ -217,15 +220,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     }
     rows = []
     for name, (mcfg, batch) in models.items():
-        for path in ("fp32-unfused", "fp32", "fp32-hand", "fast"):
-            if path == "fp32-hand" and mcfg.arch != "mlp":
+        for path in ("fp32-unfused", "fp32", "fp32-hand", "fast", "fast-hand"):
+            if path.endswith("-hand") and mcfg.arch != "mlp":
                 continue
-            precision = "bf16" if path == "fast" and peak16 else "fp32"
+            precision = "bf16" if path.startswith("fast") and peak16 else "fp32"
             vae = BuiltinVAE(mcfg)
             if path == "fast" and mcfg.arch == "conv":
                 vae.encoder.to(memory_format=torch.channels_last)
                 vae.decoder.to(memory_format=torch.channels_last)
-            step = make_step(vae, batch, precision, fused=path != "fp32-unfused", hand=path == "fp32-hand")
+            step = make_step(vae, batch, precision, fused=path != "fp32-unfused", hand=path.endswith("-hand"))
             flops = count_flops(step, onednn)
             secs = time_step(step, args.reps)
             gflops = flops / secs / 1e9

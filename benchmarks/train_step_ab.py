@@ -5,6 +5,9 @@ Each variant is a string ``STEP-GEMM-DENORMALS``:
 
 * STEP ``hand`` (the built-in MLP's hand-derived step, ``selfconsist/mlp_step.py``) or
   ``autograd`` (``train.AutogradStep``; with ``--recipe tune``, ``posthoc_terms`` and backward);
+  with ``--recipe tune`` also ``hand16`` (the hand-derived step in bf16, as ``tune --precision
+  bf16`` runs the built-in MLP on CPU) and ``autocast`` (``posthoc_terms`` under bf16 autocast,
+  as it ran before); the GEMM part concerns fp32 products only;
 * GEMM ``mkl`` (PyTorch's default fp32 gemm) or ``onednn`` (``models.Linear`` on oneDNN);
 * DENORMALS ``ftz`` (flushed to zero, as ``train`` runs on CPU) or ``keep``.
 
@@ -61,7 +64,7 @@ def tune_variant_step(base, step: str, seed: int) -> Callable[[], float]:
     """``tune``'s step on a copy of ``base`` at the built-in family's defaults, by ``step``."""
     from selfconsist import mlp_step
     from selfconsist.posthoc import avae_loss, posthoc_terms
-    from selfconsist.runtime import adam
+    from selfconsist.runtime import adam, autocast
     from selfconsist.tune import TuneConfig, resolve_config
 
     vae = copy.deepcopy(base)
@@ -70,14 +73,16 @@ def tune_variant_step(base, step: str, seed: int) -> Callable[[], float]:
     params = [p for p in vae.encoder_parameters() if p.requires_grad]
     opt = adam(params, cfg.lr, torch.device("cpu"))
     gen = torch.Generator().manual_seed(seed)
-    hand = mlp_step.MLPTuneStep(vae, cfg) if step == "hand" else None
+    precision = "bf16" if step in ("hand16", "autocast") else "fp32"
+    hand = mlp_step.MLPTuneStep(vae, cfg, precision) if step.startswith("hand") else None
 
     def run() -> float:
         z0 = vae.sample_prior(cfg.batch_size, gen)
         if hand is not None:
             loss, _ = hand(z0, vae.obs_var, gen)
         else:
-            loss = avae_loss(posthoc_terms(vae, z0, cfg, vae.obs_var, gen), cfg)
+            with autocast(torch.device("cpu"), precision):
+                loss = avae_loss(posthoc_terms(vae, z0, cfg, vae.obs_var, gen), cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
         opt.step()
@@ -119,7 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     runs = {}
     for name in names:
         step, gemm, denormals = name.split("-")
-        if step not in ("hand", "autograd") or gemm not in ("mkl", "onednn") or denormals not in ("ftz", "keep"):
+        steps = ("hand", "autograd") + (("hand16", "autocast") if args.recipe == "tune" else ())
+        if step not in steps or gemm not in ("mkl", "onednn") or denormals not in ("ftz", "keep"):
             p.error(f"bad variant {name!r}: STEP-GEMM-DENORMALS, e.g. hand-mkl-ftz")
         run = (variant_step(base, opt, rho, step, x_all, 1) if args.recipe == "train"
                else tune_variant_step(base, step, 1))

@@ -316,8 +316,8 @@ class TuneRecipe:
         self.fast = cpu_fast_path(device, self.precision)
         self.opt = adam(self.params, cfg.lr, device)
         # The built-in MLP's step differentiated by hand (mlp_step.py): the same terms, faster.
-        self.hand = (mlp_step.MLPTuneStep(vae, cfg) if mlp_step.ENABLED["on"] and mlp_step.tune_supports(
-            vae, cfg, self.precision, self.dist.world_size) else None)
+        hand = mlp_step.ENABLED["on"] and mlp_step.tune_supports(vae, cfg, self.precision, self.dist.world_size)
+        self.hand = mlp_step.MLPTuneStep(vae, cfg, self.precision) if hand else None
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, cfg))
         self.gen = torch.Generator().manual_seed(distributed.rank_seed(cfg.seed, self.dist.rank))
 
@@ -387,7 +387,8 @@ class TuneRecipe:
         """One optimiser step; returns the per-item terms and the loss (key ``loss``)."""
         cfg, dev = self.cfg, self.device
         if self.hand is not None:  # gradients set by the step itself
-            z0, _ = self.source.sample(cfg.batch_size, self.gen)
+            with autocast(dev, self.precision):  # a refinement of z₀ runs in the step's precision
+                z0, _ = self.source.sample(cfg.batch_size, self.gen)
             loss, terms = self.hand(z0, self.obs_var, self.gen)
             self._check_finite(loss)
         else:

@@ -10,6 +10,7 @@ from selfconsist import mlp_step, models
 from selfconsist.adapters.base import Prior
 from selfconsist.adapters.builtin import BuiltinVAE, new_model
 from selfconsist.models import ModelConfig
+from selfconsist.runtime import cpu_has_bf16
 from selfconsist.train import AutogradStep, TrainConfig, train, train_step
 
 
@@ -185,7 +186,8 @@ def test_tune_takes_it_only_where_it_applies() -> None:
     mlp = new_model(ModelConfig(arch="mlp", data_shape=(1, 8, 8)), seed=0)
     cfg = SimpleNamespace(objective="avae", lambda_rec=5.0, anchor=0.0)
     assert mlp_step.tune_supports(mlp, cfg, "fp32", 1)
-    assert not mlp_step.tune_supports(mlp, cfg, "bf16", 1)
+    assert mlp_step.tune_supports(mlp, cfg, "bf16", 1)
+    assert not mlp_step.tune_supports(mlp, cfg, "fp16", 1)
     assert not mlp_step.tune_supports(mlp, cfg, "fp32", 2)
     for change in ({"objective": "cycle"}, {"lambda_rec": 0.0}, {"anchor": 0.1}):
         assert not mlp_step.tune_supports(mlp, SimpleNamespace(**{**vars(cfg), **change}), "fp32", 1)
@@ -216,3 +218,145 @@ def test_whole_tunes_agree_with_the_autograd_step(tmp_path, sample_noise: bool) 
         assert torch.equal(pa, p0)
     assert results[True].after["sample_roundtrip_mse"]["value"] == pytest.approx(
         results[False].after["sample_roundtrip_mse"]["value"], rel=1e-2)
+
+
+def _tune_step_results(vae: BuiltinVAE, cfg, z0: torch.Tensor, kind: str):
+    """(loss, terms, encoder grads, generator state) of tune's step: ``autograd`` (posthoc_terms
+    in fp32), ``autocast`` (posthoc_terms under bf16 autocast), or the hand-derived step in
+    ``fp32``/``bf16``."""
+    from selfconsist.posthoc import avae_loss, posthoc_terms
+
+    enc = list(vae.encoder_parameters())
+    for p in enc:
+        p.grad = None
+    gen = torch.Generator().manual_seed(7)
+    if kind in ("autograd", "autocast"):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=kind == "autocast"):
+            terms = posthoc_terms(vae, z0, cfg, 0.03, gen)
+        loss = avae_loss(terms, cfg)
+        loss.backward()
+    else:
+        loss, terms = mlp_step.MLPTuneStep(vae, cfg, kind)(z0, 0.03, gen)
+    return (loss.detach(), {k: t.detach() for k, t in terms.items()}, [p.grad.clone() for p in enc],
+            gen.get_state())
+
+
+@pytest.mark.parametrize("sample_noise", [False, True])
+def test_bf16_tune_step_is_what_autocast_computes(sample_noise: bool) -> None:
+    # bf16 runs on any CPU (emulated where it has no bf16 units), so this runs everywhere.
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(rho=0.9, lambda_rec=1.0, sample_noise=sample_noise, anchor=0.0, objective="avae")
+    vae = new_model(ModelConfig(arch="mlp", data_shape=(3, 8, 8), latent_dim=6, hidden=48, depth=3), seed=2)
+    vae.freeze_decoder()
+    z0 = torch.randn(16, 6, generator=torch.Generator().manual_seed(4))
+    la, ta, ga, sa = _tune_step_results(vae, cfg, z0, "autocast")
+    lb, tb, gb, sb = _tune_step_results(vae, cfg, z0, "bf16")
+    l32, t32, g32, _ = _tune_step_results(vae, cfg, z0, "autograd")
+    assert torch.equal(sa, sb)
+    # The forward is autocast's: bf16 products, biases, ReLUs and sigmoid, fp32 terms.
+    assert torch.allclose(la, lb, rtol=1e-4)
+    for k in ta:
+        assert torch.allclose(ta[k], tb[k], rtol=1e-3, atol=1e-3), k
+    # The backward differs from autocast's only in where it rounds to bf16 (its output seed and
+    # bias sums stay fp32): equal to bf16 precision, and both near fp32's.
+    for a, b, c in zip(ga, gb, g32, strict=True):
+        assert b.dtype == torch.float32
+        assert (a - b).abs().max() <= 2e-2 * a.abs().max()
+        assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.9999
+        assert torch.nn.functional.cosine_similarity(c.flatten(), b.flatten(), dim=0) > 0.999
+    assert not torch.allclose(lb, l32, rtol=1e-7)  # it did run in bf16
+    assert torch.allclose(lb, l32, rtol=2e-2)
+    assert all(p.grad is None for p in vae.decoder_parameters())
+
+
+def test_bf16_weight_copies_follow_the_parameters() -> None:
+    """The bf16 copies of the weights: the encoder's made again after each optimiser step, the
+    frozen decoder's once, and again if its parameters are loaded anew."""
+    vae = new_model(ModelConfig(arch="mlp", data_shape=(1, 4, 4), latent_dim=3, hidden=8, depth=2), seed=0)
+    vae.freeze_decoder()
+    step = mlp_step.MLPTrainStep(vae, 0.9, decoder_grads=False, dtype=torch.bfloat16)
+    enc_params = list(vae.encoder_parameters())
+    opt = torch.optim.Adam(enc_params, lr=0.1, fused=True)  # fused: moves no version counter
+    x = torch.rand(8, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(2)
+
+    def copies_match(cast: mlp_step._Cast) -> bool:
+        return all(torch.equal(w, lin.weight.to(torch.bfloat16)) and torch.equal(b, lin.bias.to(torch.bfloat16))
+                   for (w, b), lin in zip(cast(), cast.layers, strict=True))
+
+    step(x, gen)
+    enc_before, dec_before = step.enc_w(), step.dec_w()
+    opt.step()
+    assert step.enc_w() is not enc_before and copies_match(step.enc_w)
+    assert step.dec_w() is dec_before  # frozen: not cast again
+    with torch.no_grad():
+        vae.decoder.net[0].weight.mul_(2.0)
+    assert step.dec_w() is not dec_before and copies_match(step.dec_w)
+    fp32 = mlp_step.MLPTrainStep(vae, 0.9)
+    assert all(w is lin.weight for (w, _), lin in zip(fp32.enc_w(), fp32.enc, strict=True))
+
+
+@pytest.mark.skipif(not cpu_has_bf16(), reason="tune --precision bf16 needs a CPU with bf16 units")
+def test_whole_bf16_tunes_agree_with_the_autocast_step(tmp_path) -> None:
+    import selfconsist
+    from selfconsist.tune import TuneConfig
+
+    vae0 = new_model(ModelConfig(arch="mlp", data_shape=(1, 8, 8), latent_dim=8, hidden=32, depth=2), seed=0)
+    vae0.save(tmp_path / "base.safetensors", {})
+    was = mlp_step.ENABLED["on"]
+    results = {}
+    try:
+        for on in (True, False):
+            mlp_step.ENABLED["on"] = on
+            results[on] = selfconsist.tune(
+                selfconsist.load(tmp_path / "base.safetensors"),
+                TuneConfig(steps=40, batch_size=32, device="cpu", eval_samples=64, precision="bf16"),
+                out=tmp_path / f"{on}.safetensors", progress=False)
+    finally:
+        mlp_step.ENABLED["on"] = was
+    a, b = (selfconsist.load(tmp_path / f"{on}.safetensors") for on in (True, False))
+    # bf16 rounding compounds through Adam over 40 steps, so the runs part by a fraction of how
+    # far the encoder moved (here 0.01–0.2 of it; against autocast on stale weights, 0.3–1.2×).
+    for pa, pb, p0 in zip(a.encoder_parameters(), b.encoder_parameters(), vae0.encoder_parameters(), strict=True):
+        moved = (pb - p0).abs().max()
+        assert moved > 1e-3
+        assert (pa - pb).abs().max() <= 0.35 * moved
+    for pa, p0 in zip(a.decoder_parameters(), vae0.decoder_parameters(), strict=True):
+        assert torch.equal(pa, p0)
+    assert a.metadata["selfconsist.precision"] == "bf16"
+    assert results[True].after["sample_roundtrip_mse"]["value"] == pytest.approx(
+        results[False].after["sample_roundtrip_mse"]["value"], rel=5e-2)
+
+
+@pytest.mark.skipif(not cpu_has_bf16(), reason="tune --precision bf16 needs a CPU with bf16 units")
+def test_bf16_tune_resumes_bit_identically(tmp_path, monkeypatch) -> None:
+    import sys
+
+    import selfconsist
+    from selfconsist.tune import TuneConfig
+
+    recipe = sys.modules["selfconsist.tune"]
+    new_model(ModelConfig(arch="mlp", data_shape=(1, 8, 8), latent_dim=8, hidden=32, depth=2),
+              seed=0).save(tmp_path / "base.safetensors", {})
+    cfg = TuneConfig(steps=30, save_every=10, batch_size=32, device="cpu", eval_samples=64, precision="bf16")
+    selfconsist.tune(selfconsist.load(tmp_path / "base.safetensors"), cfg, out=tmp_path / "full.safetensors",
+                     progress=False)
+    original = recipe.check_finite
+
+    def stop_at_25(step, loss):
+        if step == 25:
+            raise KeyboardInterrupt
+        original(step, loss)
+
+    monkeypatch.setattr(recipe, "check_finite", stop_at_25)
+    with pytest.raises(KeyboardInterrupt):
+        selfconsist.tune(selfconsist.load(tmp_path / "base.safetensors"), cfg, out=tmp_path / "part.safetensors",
+                         progress=False)
+    monkeypatch.setattr(recipe, "check_finite", original)
+    assert (tmp_path / "part.safetensors.state.pt").exists()
+    selfconsist.tune(selfconsist.load(tmp_path / "base.safetensors"), cfg, out=tmp_path / "part.safetensors",
+                     resume=True, progress=False)
+    a, b = (selfconsist.load(tmp_path / f"{n}.safetensors") for n in ("full", "part"))
+    for pa, pb in zip(a.encoder_parameters(), b.encoder_parameters(), strict=True):
+        assert torch.equal(pa, pb)
