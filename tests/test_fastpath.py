@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -83,6 +85,34 @@ def test_auto_precision_follows_the_hardware(monkeypatch) -> None:
     assert resolve_precision(torch.device("mps"), "auto") == "fp32"
 
 
+def test_auto_precision_keeps_fp32_for_a_small_model_on_cpu(monkeypatch, tmp_path) -> None:
+    """bf16 costs more than it saves on a CPU for a model under the size limit (the bundled
+    digits MLP), so ``auto`` keeps fp32 there; a bigger one gets bf16; GPUs do not look."""
+    from selfconsist import runtime
+    from selfconsist.io import META_PREFIX, load_safetensors
+    from selfconsist.runtime import CPU_BF16_MIN_ENCODER_PARAMS, resolve_precision
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(runtime, "cpu_bf16_is_faster", lambda: True)
+    assert resolve_precision(cpu, "auto", CPU_BF16_MIN_ENCODER_PARAMS - 1) == "fp32"
+    assert resolve_precision(cpu, "auto", CPU_BF16_MIN_ENCODER_PARAMS) == "bf16"
+    assert resolve_precision(cpu, "bf16", 10) == "bf16"  # asked for: runs as asked
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision(torch.device("cuda"), "auto", 10) == "bf16"
+
+    # tune on the bundled example, whose encoder is under the limit: fp32 runs and is recorded
+    # (without the rule it would resolve to bf16 here: cpu_bf16_is_faster is patched to True)
+    import selfconsist
+    from selfconsist.tune import TuneConfig
+
+    vae = selfconsist.load(Path(__file__).resolve().parents[1] / "examples" / "digits_mlp_vae.safetensors")
+    assert vae.num_parameters()[0] < CPU_BF16_MIN_ENCODER_PARAMS
+    out = tmp_path / "t.safetensors"
+    selfconsist.tune(vae, TuneConfig(steps=2, batch_size=4, device="cpu", precision="auto",
+                                     eval_samples=8), out=out, progress=False)
+    assert load_safetensors(out)[1][META_PREFIX + "precision"] == "fp32"
+
+
 def test_adam_is_fused_on_cpu_in_every_precision() -> None:
     from selfconsist.runtime import adam
 
@@ -105,7 +135,8 @@ def test_auto_precision_is_recorded_as_what_ran(tmp_path, monkeypatch, has_bf16)
         pytest.skip("this CPU has no bf16 units")
     monkeypatch.setattr(runtime, "cpu_bf16_is_faster", lambda: has_bf16)
     out = tmp_path / "t.safetensors"
-    selfconsist.tune(BuiltinVAE(ModelConfig(latent_dim=4, hidden=16, depth=2)),
+    # big enough for auto to take bf16 on CPU (runtime.CPU_BF16_MIN_ENCODER_PARAMS)
+    selfconsist.tune(BuiltinVAE(ModelConfig(data_shape=(1, 28, 28), latent_dim=4, hidden=160, depth=2)),
                      TuneConfig(steps=2, batch_size=8, device="cpu", precision="auto",
                                 eval_samples=16), out=out, progress=False)
     _, meta = load_safetensors(out)
