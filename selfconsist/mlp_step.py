@@ -54,13 +54,15 @@ def supports(vae: BuiltinVAE) -> bool:
     only device it was measured on), whose ``encode``/``decode`` are the built-in ones (a
     subclass that overrides them keeps the autograd step, which calls them)."""
     own = type(vae).encode is BuiltinVAE.encode and type(vae).decode is BuiltinVAE.decode
-    return (own and vae.device.type == "cpu" and _is_mlp(vae)
+    return (own and vae.device.type == "cpu" and is_builtin_mlp(vae)
             and all(p.dtype == torch.float32 for p in vae.encoder_parameters())
             and all(p.dtype == torch.float32 for p in vae.decoder_parameters()))
 
 
-def _is_mlp(vae: BuiltinVAE) -> bool:
-    return isinstance(vae.encoder, models.MLPEncoder) and isinstance(vae.decoder, models.MLPDecoder)
+def is_builtin_mlp(vae: VAEAdapter) -> bool:
+    """Whether ``vae`` is a built-in MLP VAE (any dtype or device)."""
+    return (isinstance(vae, BuiltinVAE) and isinstance(vae.encoder, models.MLPEncoder)
+            and isinstance(vae.decoder, models.MLPDecoder))
 
 
 def _linears(net: nn.Sequential) -> list[nn.Linear]:
@@ -120,19 +122,21 @@ def _backward(layers: list[nn.Linear], weights: Weights, hs: list[Tensor], delta
 class _Cast:
     """A network's weights in the compute dtype. fp32: the parameters themselves. bf16: copies,
     made every call for a network that trains (its parameters change every step), and once for
-    a frozen one, again only if a parameter was replaced or written in place (a new storage or
-    version counter: ``load_state_dict``, an in-place edit). The version counter cannot tell
-    about a trained network: fused Adam updates parameters without moving it."""
+    a frozen one, again only if a parameter was replaced or written in place (another tensor,
+    storage or version counter: ``load_state_dict``, an in-place op on the parameter). The
+    version counter cannot tell about a trained network: fused Adam updates parameters without
+    moving it; nor about writes through ``p.data``, which a frozen network must not get (tune
+    checks every decoder tensor after the run)."""
 
     def __init__(self, layers: list[nn.Linear], dtype: torch.dtype, frozen: bool) -> None:
         self.layers, self.dtype, self.frozen = layers, dtype, frozen
-        self._key: list[tuple[int, int]] | None = None
+        self._key: list[tuple[int, int, int]] | None = None
         self._weights: Weights = []
 
     def __call__(self) -> Weights:
         if all(lin.weight.dtype == self.dtype for lin in self.layers):
             return [(lin.weight, lin.bias) for lin in self.layers]
-        key = [(p.data_ptr(), p._version) for lin in self.layers for p in (lin.weight, lin.bias)]
+        key = [(id(p), p.data_ptr(), p._version) for lin in self.layers for p in (lin.weight, lin.bias)]
         if not self.frozen or key != self._key:
             self._weights = [(lin.weight.to(self.dtype), lin.bias.to(self.dtype)) for lin in self.layers]
             self._key = key
@@ -157,7 +161,7 @@ class MLPTrainStep:
 
     def __init__(self, vae: BuiltinVAE, rho: float | None, *, lambda_rec: float = 1.0,
                  decoder_grads: bool = True, dtype: torch.dtype | None = None) -> None:
-        if not _is_mlp(vae):
+        if not is_builtin_mlp(vae):
             raise ValueError("MLPTrainStep needs a built-in MLP VAE")
         self.vae, self.rho = vae, rho
         self.dtype = dtype or next(vae.encoder.parameters()).dtype

@@ -142,8 +142,10 @@ def autocast(device: torch.device, precision: str):
 
 PRECISIONS = ("fp32", "bf16", "auto")
 
-#: ``auto`` on CPU keeps fp32 for a model with fewer encoder parameters than this: its products
-#: are too small for bf16's ~2× gemm rate to repay the casts and bf16's higher per-call cost.
+#: ``auto`` on CPU keeps fp32 for a built-in MLP with fewer encoder parameters than this: its
+#: products are too small for bf16's ~2× gemm rate to repay the casts and bf16's higher
+#: per-call cost. (Measured on MLPs only: a conv encoder's work per parameter grows with the
+#: image, so other models are not held to it.)
 #: Measured on a Zen 4 (``benchmarks/bf16_by_size.py``, two runs): a tune took 1.28–1.36× as
 #: long in bf16 as in fp32 with a 37k-parameter encoder (the bundled digits MLP has 28k),
 #: 0.69–0.97× with 140–185k, 0.71× with the ColorMNIST MLP's 617k.
@@ -152,9 +154,10 @@ CPU_BF16_MIN_ENCODER_PARAMS = 100_000
 
 def resolve_precision(device: torch.device, precision: str, encoder_params: int | None = None) -> str:
     """``auto`` → bf16 where it runs faster than fp32: a CUDA GPU that supports it, or a CPU of
-    :func:`cpu_bf16_is_faster` (AMX, or AVX-512 BF16 on AMD) with a model of at least
-    :data:`CPU_BF16_MIN_ENCODER_PARAMS` encoder parameters (``encoder_params``; None: any size);
-    else fp32. fp32 and bf16 are returned as given (``bf16`` runs on any CPU with bf16 units).
+    :func:`cpu_bf16_is_faster` (AMX, or AVX-512 BF16 on AMD), if ``encoder_params`` is given
+    (the caller's model is one the limit was measured on), with at least
+    :data:`CPU_BF16_MIN_ENCODER_PARAMS` of them; else fp32. fp32 and bf16 are returned as
+    given (``bf16`` runs on any CPU with bf16 units).
 
     bf16 is the faster choice there (≈2× the fp32 gemm/conv rate) and holds the tuned figures
     within seed noise (``benchmarks/bf16_vs_fp32.md``). A fixed property of the machine and the

@@ -126,9 +126,9 @@ class TuneConfig:
     schedule: str | None = setting("cosine", "Learning-rate decay after warmup.", _OPT, choices=SCHEDULES)
     warmup_steps: int | None = setting(0, "Linear learning-rate warmup steps.", _OPT)
     precision: str | None = setting("fp32", "fp32, bf16 autocast (CUDA or bf16 CPUs), or auto: bf16 "
-                                    "where it runs faster (the hardware; on CPU also a model of "
-                                    f"≥ {CPU_BF16_MIN_ENCODER_PARAMS:,} encoder parameters; OUT "
-                                    "records which ran).",
+                                    "where it runs faster (the hardware; on CPU a built-in MLP "
+                                    f"also needs ≥ {CPU_BF16_MIN_ENCODER_PARAMS:,} encoder "
+                                    "parameters; OUT records which ran).",
                                     _OPT, choices=PRECISIONS)
     seed: int | None = setting(0, "Seed for z₀ draws and noise.", _RUN)
     device: str | None = setting("auto", "cpu, cuda or auto.", _RUN)
@@ -297,7 +297,9 @@ class TuneRecipe:
         self.device = device = self.dist.place(device)
         keep_freed_memory(device)  # no page faults for each step's buffers on CPU
         self.progress = self.progress and self.dist.is_main
-        self.precision = resolve_precision(device, cfg.precision, vae.num_parameters()[0])  # auto → bf16 where it pays
+        # auto → bf16 where it pays; the model-size limit was measured on the built-in MLP only
+        size = vae.num_parameters()[0] if mlp_step.is_builtin_mlp(vae) else None
+        self.precision = resolve_precision(device, cfg.precision, size)  # auto → bf16 where it pays
         autocast(device, self.precision)  # validates precision against the device early
         vae.to(device)
         vae.set_prior(cfg.prior)

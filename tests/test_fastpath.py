@@ -86,8 +86,9 @@ def test_auto_precision_follows_the_hardware(monkeypatch) -> None:
 
 
 def test_auto_precision_keeps_fp32_for_a_small_model_on_cpu(monkeypatch, tmp_path) -> None:
-    """bf16 costs more than it saves on a CPU for a model under the size limit (the bundled
-    digits MLP), so ``auto`` keeps fp32 there; a bigger one gets bf16; GPUs do not look."""
+    """bf16 costs more than it saves on a CPU for a built-in MLP under the size limit (the
+    bundled digits MLP), so ``auto`` keeps fp32 there; a bigger one gets bf16; GPUs and other
+    models do not look."""
     from selfconsist import runtime
     from selfconsist.io import META_PREFIX, load_safetensors
     from selfconsist.runtime import CPU_BF16_MIN_ENCODER_PARAMS, resolve_precision
@@ -111,6 +112,17 @@ def test_auto_precision_keeps_fp32_for_a_small_model_on_cpu(monkeypatch, tmp_pat
     selfconsist.tune(vae, TuneConfig(steps=2, batch_size=4, device="cpu", precision="auto",
                                      eval_samples=8), out=out, progress=False)
     assert load_safetensors(out)[1][META_PREFIX + "precision"] == "fp32"
+
+    # the limit was measured on MLPs: a small conv encoder is not held to it
+    if cpu_has_bf16():
+        from selfconsist.adapters.builtin import BuiltinVAE
+        from selfconsist.models import ModelConfig
+
+        conv = BuiltinVAE(ModelConfig(arch="conv", data_shape=(3, 16, 16), latent_dim=4, channels=(8, 16)))
+        assert conv.num_parameters()[0] < CPU_BF16_MIN_ENCODER_PARAMS
+        selfconsist.tune(conv, TuneConfig(steps=2, batch_size=4, device="cpu", precision="auto",
+                                          eval_samples=8), out=tmp_path / "c.safetensors", progress=False)
+        assert load_safetensors(tmp_path / "c.safetensors")[1][META_PREFIX + "precision"] == "bf16"
 
 
 def test_adam_is_fused_on_cpu_in_every_precision() -> None:
