@@ -193,9 +193,9 @@ def test_tune_takes_it_only_where_it_applies() -> None:
         assert not mlp_step.tune_supports(mlp, SimpleNamespace(**{**vars(cfg), **change}), "fp32", 1)
 
 
-def _count_hand_tune_steps(monkeypatch) -> list[int]:
+def _count_hand_tune_steps(monkeypatch) -> list[int]:  # noqa: ANN001
     """Count the calls of the hand-derived tune step, so that a test of it fails if tune stopped
-    taking it (and compared autocast with itself)."""
+    taking it (and compared autograd with itself): ``calls[0]``."""
     calls = [0]
     original = mlp_step.MLPTuneStep.__call__
 
@@ -207,27 +207,32 @@ def _count_hand_tune_steps(monkeypatch) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize("sample_noise", [False, True])
-def test_whole_tunes_agree_with_the_autograd_step(tmp_path, monkeypatch, sample_noise: bool) -> None:
+def _tune_with_and_without_the_hand_step(tmp_path, monkeypatch, **settings):  # noqa: ANN001, ANN003, ANN202
+    """Tune one small MLP twice for 40 steps, with the hand-derived step (checked to run every
+    step) and without it (``mlp_step.ENABLED`` off: autograd); returns the base model, the two
+    results and the two tuned models (hand-derived first)."""
     import selfconsist
     from selfconsist.tune import TuneConfig
 
+    calls = _count_hand_tune_steps(monkeypatch)
     vae0 = new_model(ModelConfig(arch="mlp", data_shape=(1, 8, 8), latent_dim=8, hidden=32, depth=2), seed=0)
     vae0.save(tmp_path / "base.safetensors", {})
-    was = mlp_step.ENABLED["on"]
-    results, calls = {}, _count_hand_tune_steps(monkeypatch)
-    try:
-        for on in (True, False):
-            mlp_step.ENABLED["on"] = on
-            calls[0] = 0
-            results[on] = selfconsist.tune(
-                selfconsist.load(tmp_path / "base.safetensors"),
-                TuneConfig(steps=40, batch_size=32, device="cpu", eval_samples=64, sample_noise=sample_noise),
-                out=tmp_path / f"{on}.safetensors", progress=False)
-            assert calls[0] == (40 if on else 0)  # the hand-derived step ran every step, or never
-    finally:
-        mlp_step.ENABLED["on"] = was
+    results = {}
+    for on in (True, False):
+        monkeypatch.setitem(mlp_step.ENABLED, "on", on)
+        calls[0] = 0
+        results[on] = selfconsist.tune(
+            selfconsist.load(tmp_path / "base.safetensors"),
+            TuneConfig(steps=40, batch_size=32, device="cpu", eval_samples=64, **settings),
+            out=tmp_path / f"{on}.safetensors", progress=False)
+        assert calls[0] == (40 if on else 0)  # so that no test compares autograd with itself
     a, b = (selfconsist.load(tmp_path / f"{on}.safetensors") for on in (True, False))
+    return vae0, results, a, b
+
+
+@pytest.mark.parametrize("sample_noise", [False, True])
+def test_whole_tunes_agree_with_the_autograd_step(tmp_path, monkeypatch, sample_noise: bool) -> None:
+    vae0, results, a, b = _tune_with_and_without_the_hand_step(tmp_path, monkeypatch, sample_noise=sample_noise)
     for pa, pb in zip(a.encoder_parameters(), b.encoder_parameters(), strict=True):
         assert (pa - pb).abs().max() <= 1e-3 * pa.abs().max()
     for pa, p0 in zip(a.decoder_parameters(), vae0.decoder_parameters(), strict=True):
@@ -332,25 +337,7 @@ def test_bf16_weight_copies_follow_the_parameters() -> None:
 
 @pytest.mark.skipif(not cpu_has_bf16(), reason="tune --precision bf16 needs a CPU with bf16 units")
 def test_whole_bf16_tunes_agree_with_the_autocast_step(tmp_path, monkeypatch) -> None:
-    import selfconsist
-    from selfconsist.tune import TuneConfig
-
-    vae0 = new_model(ModelConfig(arch="mlp", data_shape=(1, 8, 8), latent_dim=8, hidden=32, depth=2), seed=0)
-    vae0.save(tmp_path / "base.safetensors", {})
-    was = mlp_step.ENABLED["on"]
-    results, calls = {}, _count_hand_tune_steps(monkeypatch)
-    try:
-        for on in (True, False):
-            mlp_step.ENABLED["on"] = on
-            calls[0] = 0
-            results[on] = selfconsist.tune(
-                selfconsist.load(tmp_path / "base.safetensors"),
-                TuneConfig(steps=40, batch_size=32, device="cpu", eval_samples=64, precision="bf16"),
-                out=tmp_path / f"{on}.safetensors", progress=False)
-            assert calls[0] == (40 if on else 0)  # the hand-derived step ran every step, or never
-    finally:
-        mlp_step.ENABLED["on"] = was
-    a, b = (selfconsist.load(tmp_path / f"{on}.safetensors") for on in (True, False))
+    vae0, results, a, b = _tune_with_and_without_the_hand_step(tmp_path, monkeypatch, precision="bf16")
     # bf16 rounding compounds through Adam over 40 steps, so the runs part by a fraction of how
     # far the encoder moved (here 0.01–0.2 of it; against autocast on stale weights, 0.3–1.2×).
     for pa, pb, p0 in zip(a.encoder_parameters(), b.encoder_parameters(), vae0.encoder_parameters(), strict=True):
