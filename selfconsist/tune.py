@@ -299,7 +299,7 @@ class TuneRecipe:
         self.progress = self.progress and self.dist.is_main
         # auto → bf16 where it pays; the model-size limit was measured on the built-in MLP only
         size = vae.num_parameters()[0] if mlp_step.is_builtin_mlp(vae) else None
-        self.precision = resolve_precision(device, cfg.precision, size)  # auto → bf16 where it pays
+        self.precision = resolve_precision(device, cfg.precision, size)
         autocast(device, self.precision)  # validates precision against the device early
         vae.to(device)
         vae.set_prior(cfg.prior)

@@ -302,7 +302,9 @@ def test_bf16_tune_step_is_what_autocast_computes(sample_noise: bool, likelihood
         assert b.dtype == torch.float32
         assert (a - b).abs().max() <= 2e-2 * a.abs().max()
         assert cos(a.flatten(), b.flatten(), dim=0) > 0.9999
-        assert cos(c.flatten(), b.flatten(), dim=0) > min(0.999, cos(c.flatten(), a.flatten(), dim=0) - 1e-3)
+        assert cos(c.flatten(), b.flatten(), dim=0) > cos(c.flatten(), a.flatten(), dim=0) - 1e-3
+        # λ_rec 5 weights the bf16-rounded reconstruction seed 5×: autocast too falls to ~0.9988
+        assert cos(c.flatten(), b.flatten(), dim=0) > (0.999 if lambda_rec == 1.0 else 0.995)
     assert not torch.allclose(lb, l32, rtol=1e-7)  # it did run in bf16
     assert torch.allclose(lb, l32, rtol=2e-2)
     assert all(p.grad is None for p in vae.decoder_parameters())
