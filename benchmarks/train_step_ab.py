@@ -49,7 +49,11 @@ def variant_step(base, base_opt, rho: float | None, step: str, x_all: torch.Tens
     opt = adam(params, 1e-3, torch.device("cpu"))
     opt.load_state_dict(base_opt.state_dict())
     gen = torch.Generator().manual_seed(seed)
-    step_fn = train_step(vae, rho, hand=step == "hand")
+    if step == "hand16":
+        from selfconsist.mlp_step import MLPTrainStep
+        step_fn = MLPTrainStep(vae, rho, dtype=torch.bfloat16)
+    else:
+        step_fn = train_step(vae, rho, hand=step == "hand")
 
     def run() -> float:
         idx = torch.randint(x_all.shape[0], (64,), generator=gen)
@@ -124,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     runs = {}
     for name in names:
         step, gemm, denormals = name.split("-")
-        steps = ("hand", "autograd") + (("hand16", "autocast") if args.recipe == "tune" else ())
+        steps = ("hand", "autograd", "hand16") + (("autocast",) if args.recipe == "tune" else ())
         if step not in steps or gemm not in ("mkl", "onednn") or denormals not in ("ftz", "keep"):
             p.error(f"bad variant {name!r}: STEP-GEMM-DENORMALS, e.g. hand-mkl-ftz")
         run = (variant_step(base, opt, rho, step, x_all, 1) if args.recipe == "train"

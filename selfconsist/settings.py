@@ -11,7 +11,9 @@ CLI passes only the options typed on the command line, Python only the arguments
     option    given by the caller (a CLI option or a Python argument)
 
 The CLI builds its options from the same fields (:mod:`selfconsist.cli.options`), so a
-setting's default and help are written once.
+setting's default and help are written once. A config used as given, without layers
+(``TrainConfig``), declares its fields with :func:`option` instead: the field's default is the
+real one, and the CLI passes only the options typed.
 """
 
 from __future__ import annotations
@@ -40,6 +42,14 @@ def setting(default: Any, help: str, panel: str, *, flag: str | None = None,
         raise ValueError(f"unknown panel {panel!r}")
     return field(default=None, metadata={"default": default, "help": help, "panel": panel,
                                          "flag": flag, "choices": choices, "metavar": metavar})
+
+
+def option(default: Any, help: str, *, flag: str | None = None, choices: tuple[str, ...] | None = None,
+           metavar: str | None = None) -> Any:
+    """A config field with its real default (no layers to resolve), and the help text and flag
+    the CLI builds its option from, as for :func:`setting` (no help panel)."""
+    return field(default=default, metadata={"default": default, "help": help, "panel": None,
+                                            "flag": flag, "choices": choices, "metavar": metavar})
 
 
 def default_of(cls: type, name: str) -> Any:

@@ -39,42 +39,56 @@ from .io import (
 )
 from .models import INITS, ModelConfig
 from .runtime import (
+    CPU_BF16_MIN_ENCODER_PARAMS,
+    PRECISIONS,
     Progress,
     adam,
+    autocast,
     check_finite,
+    cpu_fast_path,
     current_stop,
     flush_denormals,
     keep_freed_memory,
     nonfinite_stop,
     resolve_device,
+    resolve_precision,
+    set_channels_last,
     stoppable,
 )
+from .settings import option
 from .validate import require_finite
 
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a from-scratch run (stored in the checkpoint header)."""
+    """Everything that defines a from-scratch run (stored in the checkpoint header). Each field
+    declares its default and help once; ``selfconsist train`` builds its options from them."""
 
-    model: str = "mlp"
-    data: str = "digits"
-    objective: str = "vae"  # "vae" or "avae"
-    rho: float = 0.975
-    steps: int = 3000
-    batch_size: int = 64
-    lr: float = 1e-3
-    seed: int = 0
-    device: str = "auto"
-    latent_dim: int = 64
-    hidden: int = 200
-    depth: int = 4
+    model: str = option("mlp", "Architecture: mlp (the paper's 4×200) or conv.", choices=("mlp", "conv"))
+    data: str = option("digits", "digits, mnist:PATH, colormnist:PATH, a .npy/.npz file or an image folder.")
+    objective: str = option("vae", "vae (plain ELBO) or avae (ELBO + coupling C(x)).", choices=("vae", "avae"))
+    rho: float = option(0.975, "Coupling strength ρ in (0, 1) for --objective avae.")
+    steps: int = option(3000, "Optimiser steps.")
+    batch_size: int = option(64, "Mini-batch size.")
+    lr: float = option(1e-3, "Adam learning rate.")
+    seed: int = option(0, "Seed for initialisation and mini-batches.")
+    device: str = option("auto", "cpu, cuda or auto.")
+    precision: str = option("fp32", "fp32, bf16 (CUDA, or a CPU with bf16 units), or auto: bf16 where "
+                            "it runs faster (the hardware; on CPU an MLP also needs ≥ "
+                            f"{CPU_BF16_MIN_ENCODER_PARAMS:,} encoder parameters; OUT records which ran).",
+                            choices=PRECISIONS)
+    latent_dim: int = option(64, "Latent size.")
+    hidden: int = option(200, "Hidden width.")
+    depth: int = option(4, "Hidden layers per side (mlp).")
     channels: tuple[int, ...] = (32, 64)
-    obs_var: float = 0.05
-    likelihood: str = "gaussian"
-    n_train: int | None = None  # use only the first n items (e.g. 8000 of MNIST's test set)
-    save_every: int = 500
+    obs_var: float = option(0.05, "Gaussian observation variance v.")
+    likelihood: str = option("gaussian", "gaussian or bernoulli.", choices=("gaussian", "bernoulli"))
+    n_train: int | None = option(None, "Use only the first N items (e.g. 8000 of MNIST's test set).",
+                                 metavar="N")
+    save_every: int = option(500, "Save a resumable state every N steps.", metavar="N")
     data_seed: int = 0  # ColorMNIST colours
-    init: str = "haiku"  # or torch: PyTorch's layer defaults (selfconsist's init before issue 13)
+    init: str = option("haiku", "Weight init: haiku (truncated normal, std 1/√fan_in, zero biases; "
+                       "trains better) or torch (PyTorch's layer defaults, the old init).", choices=INITS)
 
     def __post_init__(self) -> None:
         require_finite(self)
@@ -90,6 +104,8 @@ class TrainConfig:
         self.channels = tuple(self.channels)
         if self.init not in INITS:
             raise SelfconsistError(f"--init must be one of {INITS}, got {self.init!r}")
+        if self.precision not in PRECISIONS:
+            raise SelfconsistError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
 def model_config(cfg: TrainConfig, data_shape: tuple[int, ...]) -> ModelConfig:
@@ -98,35 +114,46 @@ def model_config(cfg: TrainConfig, data_shape: tuple[int, ...]) -> ModelConfig:
                        likelihood=cfg.likelihood, obs_var=cfg.obs_var)
 
 
+def _terms_dtype(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in fp32 if autocast left it in a half type; fp32 and fp64 as they are."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
 def avae_step_terms(vae: BuiltinVAE, x: torch.Tensor, gen: torch.Generator, rho: float | None
                     ) -> dict[str, torch.Tensor]:
-    """Per-item terms of the (A)VAE bound on a batch x; ``rho=None`` skips the coupling."""
+    """Per-item terms of the (A)VAE bound on a batch x; ``rho=None`` skips the coupling.
+
+    Under bf16 autocast the networks run in bf16 and the terms in fp32 (the casts are no-ops
+    outside autocast)."""
     prior = vae.prior
     q = vae.encode(x)
-    mh, lvh = obj.whiten(q.mean, q.logvar, prior.mean, prior.std)
-    z = q.sample(gen)
-    x_rec = vae.decode(z)
+    mean, logvar = _terms_dtype(q.mean), _terms_dtype(q.logvar)
+    mh, lvh = obj.whiten(mean, logvar, prior.mean, prior.std)
+    z = obj.reparameterize(mean, logvar, gen)
+    x_rec = _terms_dtype(vae.decode(z))
     terms = {
         "log_lik": obj.log_likelihood(x, x_rec, vae.likelihood, vae.obs_var),
         "kl": obj.kl_to_standard_normal(mh, lvh),
     }
     if rho is not None:
         q2 = vae.encode(x_rec.detach())  # stop-gradient: the decoder learns only from log_lik
-        mh2, lvh2 = obj.whiten(q2.mean, q2.logvar, prior.mean, prior.std)
+        mh2, lvh2 = obj.whiten(_terms_dtype(q2.mean), _terms_dtype(q2.logvar), prior.mean, prior.std)
         terms["coupling"] = obj.coupling_term(mh, lvh, mh2, lvh2, rho)
     return terms
 
 
 class AutogradStep:
-    """The train step by autograd: the bound of :func:`avae_step_terms`, then ``backward`` into
-    the parameters' ``.grad``. Returns ``(loss, terms)`` without their graphs, as
-    :class:`selfconsist.mlp_step.MLPTrainStep` does (the built-in MLP's hand-derived step)."""
+    """The train step by autograd: the bound of :func:`avae_step_terms` (under bf16 autocast
+    for ``precision="bf16"``), then ``backward`` into the parameters' ``.grad``. Returns
+    ``(loss, terms)`` without their graphs, as :class:`selfconsist.mlp_step.MLPTrainStep` does
+    (the built-in MLP's hand-derived step)."""
 
-    def __init__(self, vae: BuiltinVAE, rho: float | None) -> None:
-        self.vae, self.rho = vae, rho
+    def __init__(self, vae: BuiltinVAE, rho: float | None, precision: str = "fp32") -> None:
+        self.vae, self.rho, self.precision = vae, rho, precision
 
     def __call__(self, x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        terms = avae_step_terms(self.vae, x, gen, self.rho)
+        with autocast(x.device, self.precision):
+            terms = avae_step_terms(self.vae, x, gen, self.rho)
         zero = torch.zeros((), device=x.device)
         loss = -obj.avae_objective(terms["log_lik"], terms["kl"], terms.get("coupling", zero), 1.0).mean()
         self.vae.encoder.zero_grad(set_to_none=True)
@@ -135,15 +162,16 @@ class AutogradStep:
         return loss.detach(), {k: v.detach() for k, v in terms.items()}
 
 
-def train_step(vae: BuiltinVAE, rho: float | None, hand: bool | None = None
+def train_step(vae: BuiltinVAE, rho: float | None, hand: bool | None = None, precision: str = "fp32"
                ) -> AutogradStep | mlp_step.MLPTrainStep:
-    """The step ``train`` runs: the hand-derived one for the built-in MLP in fp32 on CPU (the
-    same objective, 1.1–1.2× faster per step: docs/performance.md), autograd otherwise or when
+    """The step ``train`` runs: the hand-derived one for the built-in MLP on CPU, in fp32 or
+    bf16 (the same objective, faster per step: docs/performance.md), autograd otherwise or when
     :data:`selfconsist.mlp_step.ENABLED` is off. ``hand`` overrides that switch for this call
-    (the benchmarks compare the two steps; the hand-derived one still needs a model it supports)."""
+    (the benchmarks compare the two steps; the hand-derived one still needs a model it
+    supports). ``precision`` is a resolved one, fp32 or bf16."""
     if (mlp_step.ENABLED["on"] if hand is None else hand) and mlp_step.supports(vae):
-        return mlp_step.MLPTrainStep(vae, rho)
-    return AutogradStep(vae, rho)
+        return mlp_step.MLPTrainStep(vae, rho, dtype=mlp_step.DTYPES[precision])
+    return AutogradStep(vae, rho, precision)
 
 
 @locks_output
@@ -162,6 +190,10 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, overwrite:
     x_all = data.x[: cfg.n_train] if cfg.n_train else data.x
     x_all = x_all.to(device)
     vae = new_model(model_config(cfg, tuple(x_all.shape[1:])), seed=cfg.seed, init=cfg.init).to(device)
+    # auto → bf16 where it pays (runtime.resolve_precision; the size limit is the MLP's)
+    size = vae.num_parameters()[0] if mlp_step.is_builtin_mlp(vae) else None
+    precision = resolve_precision(device, cfg.precision, size)
+    autocast(device, precision)  # refuses bf16 where it cannot run, before any step
     params = list(vae.encoder_parameters()) + list(vae.decoder_parameters())
     opt = adam(params, cfg.lr, device)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -190,9 +222,11 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, overwrite:
 
     signals.checkpoint = checkpoint
     rho = cfg.rho if cfg.objective == "avae" else None
-    step_fn = train_step(vae, rho)
+    step_fn = train_step(vae, rho, precision=precision)
     vae.encoder.train()
     vae.decoder.train()
+    modules = [vae.encoder, vae.decoder]
+    set_channels_last(modules, cpu_fast_path(device, precision))  # oneDNN's bf16 conv layout
     with (Progress(cfg.steps, f"train {cfg.objective}", enabled=progress, start=start) as bar,
           signals.deferred(), flush_denormals(device)):
         for step in range(start, cfg.steps):
@@ -211,11 +245,13 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, overwrite:
                                       **{k: v.mean().item() for k, v in terms.items()}})
             signals.check()
 
+    set_channels_last(modules, False)  # the contiguous layout that saving expects
     vae.encoder.eval()
     vae.decoder.eval()
     vae.to("cpu")
     meta = {META_PREFIX + "train_config": json_meta(asdict(cfg)),
             META_PREFIX + "version": __version__,
+            META_PREFIX + "precision": precision,  # what ran (the config says what was asked)
             META_PREFIX + "data": json.dumps({"name": data.name, "n": int(x_all.shape[0])})}
     with signals.deferred():  # OUT is whole or absent; a signal now lets the run finish
         with atomic_output(out, overwrite=overwrite) as tmp:

@@ -243,6 +243,7 @@ CASES = [
     (["train", "-o", "{out}", "--data", "{data_obj.npy}", *QUICK_TRAIN], 2, "data_obj.npy"),
     (["train", "-o", "{out}", "--data", "{data_empty.npy}", *QUICK_TRAIN], 2, "data_empty.npy"),
     (["train", "-o", "{out}", "--resume", *QUICK_TRAIN], 2, "without --resume"),
+    (["train", "-o", "{out}", "--precision", "fp16", *QUICK_TRAIN], 2, "--precision must be one of"),
     # tune: non-finite numbers, bad latents, bad states, locks, the input as output
     (["tune", "{good}", "-o", "{out}", "--lr", "nan"], 2, "--lr must be a finite number"),
     (["tune", "{good}", "-o", "{out}", "--lambda-rec", "-inf"], 2, "--lambda-rec must be a finite"),

@@ -386,3 +386,123 @@ def test_bf16_tune_resumes_bit_identically(tmp_path, monkeypatch) -> None:
     a, b = (selfconsist.load(tmp_path / f"{n}.safetensors") for n in ("full", "part"))
     for pa, pb in zip(a.encoder_parameters(), b.encoder_parameters(), strict=True):
         assert torch.equal(pa, pb)
+
+
+def _train_step_results(vae: BuiltinVAE, x: torch.Tensor, rho: float | None, kind: str):
+    """(loss, terms, grads, generator state) of train's step: ``autograd`` (fp32),
+    ``autocast`` (the autograd step under bf16 autocast) or the hand-derived step in ``bf16``."""
+    for p in _params(vae):
+        p.grad = None
+    gen = torch.Generator().manual_seed(5)
+    if kind == "bf16":
+        step = mlp_step.MLPTrainStep(vae, rho, dtype=torch.bfloat16)
+    else:
+        step = AutogradStep(vae, rho, "bf16" if kind == "autocast" else "fp32")
+    loss, terms = step(x, gen)
+    return loss, terms, [p.grad.clone() for p in _params(vae)], gen.get_state()
+
+
+@pytest.mark.parametrize("rho", [None, 0.8])
+@pytest.mark.parametrize(("likelihood", "shifted"), [("gaussian", False), ("gaussian", True),
+                                                     ("bernoulli", False)])
+def test_bf16_train_step_is_what_autocast_computes(rho: float | None, likelihood: str, shifted: bool) -> None:
+    # train's step updates the decoder too: its bf16 weight copies are made every step, and
+    # its gradients come out of bf16 products, as the encoder's do.
+    mcfg = ModelConfig(arch="mlp", data_shape=(3, 8, 8), latent_dim=6, hidden=48, depth=3,
+                       likelihood=likelihood)
+    vae = new_model(mcfg, seed=2)
+    if shifted:
+        vae = _ShiftedPrior(mcfg, vae.encoder, vae.decoder)
+    x = torch.rand(16, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    la, ta, ga, sa = _train_step_results(vae, x, rho, "autocast")
+    lb, tb, gb, sb = _train_step_results(vae, x, rho, "bf16")
+    l32, _, g32, _ = _train_step_results(vae, x, rho, "autograd")
+    assert torch.equal(sa, sb)
+    assert set(ta) == set(tb) == ({"log_lik", "kl"} | ({"coupling"} if rho else set()))
+    if cpu_has_bf16():  # the same bf16 kernels: bit-equal (emulated bf16: to bf16 precision)
+        assert torch.equal(la, lb)
+        for k in ta:
+            assert torch.equal(ta[k], tb[k]), k
+    else:
+        assert torch.allclose(la, lb, rtol=1e-3)
+    cos = torch.nn.functional.cosine_similarity
+    for a, b, c in zip(ga, gb, g32, strict=True):
+        assert b.dtype == torch.float32
+        assert (a - b).abs().max() <= 2e-2 * a.abs().max()
+        assert cos(a.flatten(), b.flatten(), dim=0) > 0.9999
+        assert cos(c.flatten(), b.flatten(), dim=0) > min(0.999, cos(c.flatten(), a.flatten(), dim=0) - 1e-3)
+    assert not torch.allclose(lb, l32, rtol=1e-7)  # it did run in bf16
+    assert torch.allclose(lb, l32, rtol=2e-2)
+
+
+def test_train_picks_the_step_for_its_precision() -> None:
+    mlp = new_model(ModelConfig(arch="mlp", data_shape=(1, 8, 8)), seed=0)
+    conv = new_model(ModelConfig(arch="conv", data_shape=(1, 8, 8)), seed=0)
+    step = train_step(mlp, 0.9, precision="bf16")
+    assert isinstance(step, mlp_step.MLPTrainStep) and step.dtype == torch.bfloat16
+    assert train_step(mlp, 0.9).dtype == torch.float32
+    step = train_step(conv, 0.9, precision="bf16")
+    assert isinstance(step, AutogradStep) and step.precision == "bf16"
+
+
+@pytest.mark.skipif(not cpu_has_bf16(), reason="train --precision bf16 needs a CPU with bf16 units")
+@pytest.mark.parametrize("model", ["mlp", "conv"])
+def test_bf16_train_runs_and_resumes_bit_identically(tmp_path, monkeypatch, model: str) -> None:
+    import json
+    import sys
+
+    from safetensors import safe_open
+
+    recipe = sys.modules["selfconsist.train"]
+    cfg = TrainConfig(model=model, objective="avae", data="digits", steps=24, save_every=8, latent_dim=4,
+                      hidden=32, depth=2, channels=(8, 16), device="cpu", precision="bf16")
+    made = []
+    monkeypatch.setattr(recipe, "train_step", lambda *a, **k: made.append(train_step(*a, **k)) or made[-1])
+    full = train(cfg, tmp_path / "full.safetensors", progress=False)
+    assert type(made[0]) is (mlp_step.MLPTrainStep if model == "mlp" else AutogradStep)
+    original = recipe.check_finite
+
+    def stop_at_20(step, loss):
+        if step == 20:
+            raise KeyboardInterrupt
+        original(step, loss)
+
+    monkeypatch.setattr(recipe, "check_finite", stop_at_20)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "part.safetensors", progress=False)
+    monkeypatch.setattr(recipe, "check_finite", original)
+    resumed = train(cfg, tmp_path / "part.safetensors", resume=True, progress=False)
+    for a, b in zip(full.state_tensors().values(), resumed.state_tensors().values(), strict=True):
+        assert torch.equal(a, b) and a.is_contiguous()
+    with safe_open(tmp_path / "part.safetensors", "pt") as f:
+        meta = f.metadata()
+    assert meta["selfconsist.precision"] == "bf16"
+    assert json.loads(meta["selfconsist.train_config"])["precision"] == "bf16"
+    # and it differs from an fp32 run: bf16 really ran
+    fp32 = train(TrainConfig(**{**cfg.__dict__, "precision": "fp32"}), tmp_path / "fp32.safetensors",
+                 progress=False)
+    assert not all(torch.equal(a, b) for a, b in zip(full.state_tensors().values(),
+                                                     fp32.state_tensors().values(), strict=True))
+
+
+def test_train_auto_precision_keeps_fp32_for_a_small_mlp(tmp_path, monkeypatch) -> None:
+    from safetensors import safe_open
+
+    from selfconsist import runtime
+
+    monkeypatch.setattr(runtime, "cpu_bf16_is_faster", lambda: True)  # any CPU: the size rule decides
+    cfg = TrainConfig(data="digits", steps=3, latent_dim=4, hidden=16, depth=2, device="cpu", precision="auto")
+    train(cfg, tmp_path / "a.safetensors", progress=False)
+    with safe_open(tmp_path / "a.safetensors", "pt") as f:
+        assert f.metadata()["selfconsist.precision"] == "fp32"
+
+
+def test_train_refuses_bf16_on_a_cpu_without_bf16_units(tmp_path, monkeypatch) -> None:
+    from selfconsist import runtime
+    from selfconsist.errors import SelfconsistError
+
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: False)
+    cfg = TrainConfig(data="digits", steps=3, latent_dim=4, hidden=16, device="cpu", precision="bf16")
+    with pytest.raises(SelfconsistError, match="bf16 units"):
+        train(cfg, tmp_path / "a.safetensors", progress=False)
+    assert not (tmp_path / "a.safetensors").exists()

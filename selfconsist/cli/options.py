@@ -81,7 +81,9 @@ def with_config_options(cls: type, into: str, family_note: Callable[[str], str] 
         @functools.wraps(func)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             values = {k: kwargs.pop(k) for k in names}
-            kwargs[into] = cls(**{k: (str(v) if isinstance(v, Path) else v) for k, v in values.items()})
+            # None is "not given": the config's own default (or its resolution) decides
+            kwargs[into] = cls(**{k: (str(v) if isinstance(v, Path) else v) for k, v in values.items()
+                                  if v is not None})
             return func(*args, **kwargs)
 
         wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
