@@ -119,9 +119,10 @@ def make_step(vae, batch: int, precision: str, fused: bool, hand: bool = False):
     return step
 
 
-def make_train_step(adam: dict, hand: bool = False):
+def make_train_step(adam: dict, hand: bool = False, precision: str = "fp32"):
     """The ``selfconsist train`` step of the ColorMNIST MLP VAE at batch 64 (plain VAE term):
-    by autograd, or the built-in MLP's hand-derived step (``hand``, what ``train`` runs)."""
+    by autograd, or the built-in MLP's hand-derived step (``hand``, what ``train`` runs), in
+    ``precision`` (``train --precision``)."""
     from selfconsist.models import ModelConfig
     from selfconsist.train import new_model, train_step
 
@@ -130,7 +131,7 @@ def make_train_step(adam: dict, hand: bool = False):
     opt = torch.optim.Adam(params, lr=1e-3, **adam)
     gen = torch.Generator().manual_seed(0)
     x_all = torch.rand(1000, 3, 28, 28, generator=gen)
-    step_fn = train_step(vae, None, hand=hand)
+    step_fn = train_step(vae, None, hand=hand, precision=precision)
 
     def step() -> None:
         idx = torch.randint(1000, (64,), generator=gen)
@@ -249,18 +250,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
                  "of_fp32_gemm_peak": round(flops / secs / 1e9 / peak32, 3),
                  "of_best_fp32_gemm_peak": round(flops / secs / 1e9 / best32, 3)})
     print(json.dumps(rows[-1]), flush=True)
-    for name, adam, hand in (("train fp32, autograd, default Adam (train before issue 22)", {}, False),
-                             ("train fp32, autograd, foreach Adam", {"foreach": True}, False),
-                             ("train fp32, autograd, fused Adam", {"fused": True}, False),
-                             ("train fp32, hand-derived step, fused Adam (as train runs the MLP)",
-                              {"fused": True}, True)):
-        step = make_train_step(adam, hand)
+    trains = [("train fp32, autograd, default Adam (train before issue 22)", {}, False, "fp32"),
+              ("train fp32, autograd, foreach Adam", {"foreach": True}, False, "fp32"),
+              ("train fp32, autograd, fused Adam", {"fused": True}, False, "fp32"),
+              ("train fp32, hand-derived step, fused Adam (as train runs the MLP)", {"fused": True}, True,
+               "fp32")]
+    if peak16:
+        trains.append(("train bf16, hand-derived step, fused Adam (train --precision bf16)",
+                       {"fused": True}, True, "bf16"))
+    for name, adam, hand, precision in trains:
+        step = make_train_step(adam, hand, precision)
         flops = count_flops(step, onednn)
         secs = time_step(step, args.reps)
         rows.append({"model": "mlp", "path": name, "batch": 64, "ms_per_step": round(1e3 * secs, 2),
                      "gflops": round(flops / secs / 1e9, 1),
                      "of_fp32_gemm_peak": round(flops / secs / 1e9 / peak32, 3),
-                 "of_best_fp32_gemm_peak": round(flops / secs / 1e9 / best32, 3)})
+                     "of_best_fp32_gemm_peak": round(flops / secs / 1e9 / best32, 3),
+                     "of_bf16_gemm_peak": round(flops / secs / 1e9 / peak16, 3) if peak16 else None})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 

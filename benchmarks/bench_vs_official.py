@@ -15,6 +15,10 @@ selfconsist/official:
   the official code's jit compile);
 * the whole command's wall time.
 
+``--precisions fp32,bf16`` runs ``selfconsist train`` once per precision in each round (``train
+--precision``; bf16 needs a CPU with bf16 units), each compared with the same round's official
+run; the official code runs fp32 (JAX's default). The order of the sides rotates each round.
+
 The official code prints ``TIMING step perf_counter`` / ``CPUTIME step process_time`` after the
 steps in ``$AVAE_TIME_MARKS`` (the patch in ``../shared/peer``; see its README). selfconsist runs
 as its real command (``selfconsist.cli.main``) in a child of this script that prints the same
@@ -97,12 +101,13 @@ def official_cmd(python: Path, objective: str, steps: int, core: int, ckpt: str)
             "--checkpoint_every=100000000", "--test_every=100000000"]
 
 
-def selfconsist_cmd(objective: str, steps: int, core: int, data: Path, out: str) -> list[str]:
+def selfconsist_cmd(objective: str, steps: int, core: int, data: Path, out: str,
+                    precision: str = "fp32") -> list[str]:
     return ["taskset", "-c", str(core), sys.executable, str(Path(__file__).resolve()), "--child", "--",
             "train", "--out", out, "--data", str(data / "train.npy"), "--objective", objective,
             "--steps", str(steps), "--batch-size", "64", "--lr", "1e-3", "--obs-var", "0.05",
             "--rho", "0.975", "--latent-dim", "64", "--hidden", "200", "--depth", "4",
-            "--device", "cpu", "--save-every", "100000000"]
+            "--device", "cpu", "--save-every", "100000000", "--precision", precision]
 
 
 def child(argv: list[str]) -> None:
@@ -128,20 +133,23 @@ def child(argv: list[str]) -> None:
 
 
 def table(results: dict[str, list[dict[str, dict[str, float]]]]) -> list[str]:
-    rows = ["| objective | measure | selfconsist | official | ratio sc/official, paired median (min–max) |",
-            "|---|---|---|---|---|"]
+    """One row per objective, selfconsist precision (side ``selfconsist-PRECISION``) and measure."""
+    rows = ["| objective | precision | measure | selfconsist | official "
+            "| ratio sc/official, paired median (min–max) |",
+            "|---|---|---|---|---|---|"]
     labels = {"steps_per_s": "steady steps/s (wall)", "steps_per_cpu_s": "steady steps/s (CPU time)",
               "startup_s": "start-up s (launch → end of step 0)", "whole_s": "whole command s"}
     for objective, rounds in results.items():
-        for key, label in labels.items():
-            sc = [r["selfconsist"][key] for r in rounds]
-            of = [r["official"][key] for r in rounds]
-            ratios = [s / o for s, o in zip(sc, of, strict=True)]
-            if key in ("startup_s", "whole_s"):  # time: official/selfconsist is the speed-up
-                ratios = [o / s for s, o in zip(sc, of, strict=True)]
-            rows.append(f"| {objective} | {label} | {statistics.median(sc):.3g} | "
-                        f"{statistics.median(of):.3g} | **{statistics.median(ratios):.2f}×** "
-                        f"({min(ratios):.2f}–{max(ratios):.2f}) |")
+        for side in sorted((k for k in rounds[0] if k != "official"), reverse=True):  # fp32 first
+            for key, label in labels.items():
+                sc = [r[side][key] for r in rounds]
+                of = [r["official"][key] for r in rounds]
+                ratios = [s / o for s, o in zip(sc, of, strict=True)]
+                if key in ("startup_s", "whole_s"):  # time: official/selfconsist is the speed-up
+                    ratios = [o / s for s, o in zip(sc, of, strict=True)]
+                rows.append(f"| {objective} | {side.partition('-')[2]} | {label} | {statistics.median(sc):.3g} | "
+                            f"{statistics.median(of):.3g} | **{statistics.median(ratios):.2f}×** "
+                            f"({min(ratios):.2f}–{max(ratios):.2f}) |")
     return rows
 
 
@@ -160,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=1201)
     p.add_argument("--marks", default="200,1200")
     p.add_argument("--objectives", default="vae,avae")
+    p.add_argument("--precisions", default="fp32", help="selfconsist train --precision, one run each")
     p.add_argument("--md", type=Path, default=None, help="write the results table here")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
@@ -175,7 +184,9 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, list[dict[str, dict[str, float]]]] = {}
     for r in range(args.rounds):
         for objective in args.objectives.split(","):
-            sides = ["official", "selfconsist"] if r % 2 == 0 else ["selfconsist", "official"]
+            precisions = args.precisions.split(",")
+            sides = ["official", *(f"selfconsist-{q}" for q in precisions)]
+            sides = sides[r % len(sides):] + sides[:r % len(sides)]  # rotate the order
             row = {}
             for side in sides:
                 run_dir = Path(tempfile.mkdtemp(dir=work))
@@ -183,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
                     cmd, cwd = official_cmd(python, objective, args.steps, args.core, str(run_dir)), args.peer
                 else:
                     cmd, cwd = selfconsist_cmd(objective, args.steps, args.core, work / "data",
-                                               str(run_dir / "m.safetensors")), REPO
+                                               str(run_dir / "m.safetensors"), side.partition("-")[2]), REPO
                 row[side] = run_one(cmd, env, cwd, (a, b))
             results.setdefault(objective, []).append(row)
             print(json.dumps({"round": r, "objective": objective, **row}), flush=True)

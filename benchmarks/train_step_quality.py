@@ -1,13 +1,17 @@
-"""Does ``train``'s hand-derived MLP step train as well as the autograd step?
+"""Does ``train``'s hand-derived MLP step train as well as the autograd step, and in bf16 as well
+as in fp32?
 
 Trains the ColorMNIST MLP VAE (the side-by-side comparison's model: 4×200, latent 64, v 0.05,
 batch 64, Adam 1e-3) with each step for ``--steps`` on the first 8000 images of the MNIST test
 set, for each seed and objective, and prints the held-out ELBO (one posterior sample per image,
-generator seeded 5) and the reconstruction error at the posterior mean on the last 2000. The two
-steps round differently, so their runs part over time like two seeds' runs; what counts is that
-the gap between the steps is inside the gap between seeds.
+generator seeded 5), the reconstruction error at the posterior mean and the latent round trip
+(‖μ(g(μ(x))) − μ(x)‖² per latent unit: what the AVAE makes small) on the last 2000. Each
+variant is ``STEP-PRECISION``: ``hand`` or ``autograd``, ``fp32`` or ``bf16`` (``train
+--precision``). Variants round differently, so their runs part over time like two seeds' runs;
+what counts is that the gap between variants is inside the gap between seeds.
 
     python benchmarks/train_step_quality.py --mnist ../shared/data/mnist --steps 3000 --seeds 0,1
+    python benchmarks/train_step_quality.py --variants hand-fp32,hand-bf16 --seeds 0,1,2
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -26,6 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--objectives", default="vae,avae")
+    p.add_argument("--variants", default="hand-fp32,autograd-fp32")
     args = p.parse_args(argv)
 
     from selfconsist import mlp_step
@@ -39,19 +45,25 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for objective in args.objectives.split(","):
             for seed in (int(s) for s in args.seeds.split(",")):
-                for hand in (True, False):
-                    mlp_step.ENABLED["on"] = hand
+                for variant in args.variants.split(","):
+                    step, precision = variant.split("-")
+                    mlp_step.ENABLED["on"] = step == "hand"
                     cfg = TrainConfig(objective=objective, seed=seed, steps=args.steps, lr=1e-3,
-                                      obs_var=0.05, save_every=10**9)
-                    vae = train(cfg, out / f"{objective}_{seed}_{hand}.safetensors", progress=False,
+                                      obs_var=0.05, save_every=10**9, precision=precision, device="cpu")
+                    t0 = time.perf_counter()
+                    vae = train(cfg, out / f"{objective}_{seed}_{variant}.safetensors", progress=False,
                                 data=data)
+                    seconds = time.perf_counter() - t0
                     with torch.no_grad():
                         t = avae_step_terms(vae, held_out, torch.Generator().manual_seed(5), None)
-                        recon = vae.decode(vae.encode(held_out).mean) - held_out
-                    print(json.dumps({"objective": objective, "seed": seed,
-                                      "step": "hand" if hand else "autograd",
+                        mu = vae.encode(held_out).mean
+                        recon = vae.decode(mu) - held_out
+                        latent_rt = (vae.encode(vae.decode(mu)).mean - mu).pow(2).mean()
+                    print(json.dumps({"objective": objective, "seed": seed, "variant": variant,
                                       "held_out_elbo": round(float((t["log_lik"] - t["kl"]).mean()), 2),
-                                      "recon_sq_err": round(float(recon.pow(2).sum((1, 2, 3)).mean()), 3)}),
+                                      "recon_sq_err": round(float(recon.pow(2).sum((1, 2, 3)).mean()), 3),
+                                      "latent_roundtrip": round(float(latent_rt), 4),
+                                      "seconds": round(seconds, 1)}),
                           flush=True)
     finally:
         mlp_step.ENABLED["on"] = was
