@@ -87,9 +87,10 @@ def best_ms(fn, reps: int, inner: int = 20) -> float:
     return best * 1e3
 
 
-def make_train_step(objective: str, hand: bool):
+def make_train_step(objective: str, hand: bool, precision: str = "fp32"):
     """The ``selfconsist train`` step (batch 64) and its parameters and optimiser: the built-in
-    MLP's hand-derived step (``hand``, what ``train`` runs) or the autograd one."""
+    MLP's hand-derived step (``hand``, what ``train`` runs) or the autograd one, in
+    ``precision`` (``train --precision``)."""
     from selfconsist.models import ModelConfig
     from selfconsist.runtime import adam
     from selfconsist.train import new_model, train_step
@@ -99,7 +100,7 @@ def make_train_step(objective: str, hand: bool):
     opt = adam(params, 1e-3, torch.device("cpu"))
     gen = torch.Generator().manual_seed(0)
     x_all = torch.rand(1000, 3, 28, 28, generator=gen)
-    step_fn = train_step(vae, 0.975 if objective == "avae" else None, hand=hand)
+    step_fn = train_step(vae, 0.975 if objective == "avae" else None, hand=hand, precision=precision)
 
     def step() -> None:
         idx = torch.randint(1000, (64,), generator=gen)
@@ -110,8 +111,8 @@ def make_train_step(objective: str, hand: bool):
     return step, params, opt
 
 
-def measure(objective: str, reps: int, hand: bool) -> dict[str, float]:
-    step, params, opt = make_train_step(objective, hand)
+def measure(objective: str, reps: int, hand: bool, precision: str = "fp32") -> dict[str, float]:
+    step, params, opt = make_train_step(objective, hand, precision)
     for _ in range(30):
         step()
     step_ms = statistics.median(best_ms(step, 1, 50) for _ in range(reps))
@@ -161,7 +162,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="the official code's steady steps/s, one per objective, same order")
     p.add_argument("--target", type=float, default=1.2, help="the speed-up to budget for")
     p.add_argument("--steps", default="hand,autograd",
-                   help="which train steps: hand (the built-in MLP's, what train runs), autograd")
+                   help="which train steps: hand (the built-in MLP's, what train runs), autograd, "
+                   "hand16 (the hand-derived step in bf16, train --precision bf16)")
     args = p.parse_args(argv)
     from selfconsist.models import ONEDNN_LINEAR
     from selfconsist.runtime import keep_freed_memory
@@ -173,7 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     for (i, objective), kind in itertools.product(enumerate(args.objectives.split(",")),
                                                   args.steps.split(",")):
         r = {"objective": objective, "step": kind,
-             **{k: round(v, 3) for k, v in measure(objective, args.reps, kind == "hand").items()}}
+             **{k: round(v, 3) for k, v in measure(objective, args.reps, kind.startswith("hand"),
+                                                    "bf16" if kind == "hand16" else "fp32").items()}}
         if args.official_steps_per_s:
             official = args.official_steps_per_s[i]
             budget = 1e3 / (args.target * official)
