@@ -233,7 +233,17 @@ def test_train_cli_acceptance(tmp_path):
     with safe_open(str(out), "pt") as f:
         cfg = json.loads(f.metadata()["selfconsist.config"])
         train_cfg = json.loads(f.metadata()["selfconsist.train_config"])
+        precision = f.metadata()["selfconsist.precision"]
     assert cfg["arch"] == "mlp" and cfg["latent_dim"] == 64 and train_cfg["objective"] == "avae"
+    # every option not typed took TrainConfig's own default: the CLI declares none of its own
+    from dataclasses import asdict
+
+    from selfconsist.train import TrainConfig
+
+    typed = {"model": "mlp", "data": "digits", "objective": "avae", "steps": 300, "device": "cpu"}
+    expected = json.loads(json.dumps(asdict(TrainConfig(**typed))))
+    assert train_cfg == expected
+    assert precision == "fp32"  # the default
     vae = selfconsist.load(out)
     x = load_dataset("digits").x[:8]
     q = vae.encode(x)
