@@ -230,11 +230,16 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         raise
 
 
-def load_state(path: str | Path, config: str | None = None) -> dict[str, Any]:
+def load_state(path: str | Path, config: str | None = None, added: Mapping[str, Any] | None = None,
+               precision: str | None = None) -> dict[str, Any]:
     """Load a resumable state written by :func:`atomic_torch_save` (weights only: no code runs).
 
     With ``config`` (the run's settings as :func:`json_meta`), refuse a state written by a run
-    with other settings: resuming it would silently mix two experiments.
+    with other settings: resuming it would silently mix two experiments. ``added`` names
+    settings introduced since older states were written, with the value those runs had
+    (``{"precision": "fp32"}``), so such a state still resumes. With ``precision`` (what this
+    run resolved to), refuse a state whose run computed in another one (``--precision auto``
+    on another machine or device): its optimiser state would not continue the same run.
     """
     path = Path(path)
     if not path.exists():
@@ -244,10 +249,28 @@ def load_state(path: str | Path, config: str | None = None) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure here means a bad state file
         raise CheckpointError(f"{path}: cannot read resumable state ({e})") from None
-    if config is not None and state.get("config") != config:
+    if config is not None and not _same_config(state.get("config"), config, added or {}):
         raise SelfconsistError(f"{path} was written by a run with other settings; "
                                "resume with the same options or start afresh")
+    ran = state.get("precision")  # None: a state from before it was recorded
+    if precision is not None and ran is not None and ran != precision:
+        raise SelfconsistError(f"{path} was written by a run in {ran}, and this one would run in "
+                               f"{precision}; resume with --precision {ran} where it runs, or start afresh")
     return state
+
+
+def _same_config(saved: Any, config: str, added: Mapping[str, Any]) -> bool:
+    """Whether a state's saved settings are ``config``, counting a setting missing from an older
+    state as its ``added`` value."""
+    if saved == config:
+        return True
+    if not added or not isinstance(saved, str):
+        return False
+    try:
+        old, new = json.loads(saved), json.loads(config)
+    except ValueError:
+        return False
+    return isinstance(old, dict) and {**added, **old} == new
 
 
 def rng_state(generator: torch.Generator) -> dict[str, Tensor]:

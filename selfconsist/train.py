@@ -200,7 +200,8 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, overwrite:
     start = 0
 
     if resume:
-        state = load_state(state_file, config=json_meta(asdict(cfg)))
+        state = load_state(state_file, config=json_meta(asdict(cfg)), added={"precision": "fp32"},
+                           precision=precision)
         vae.encoder.load_state_dict(state["encoder"])
         vae.decoder.load_state_dict(state["decoder"])
         opt.load_state_dict(state["optimizer"])
@@ -210,7 +211,8 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, overwrite:
     def save_state(step: int) -> None:
         atomic_torch_save({"config": json_meta(asdict(cfg)), "step": step,
                            "encoder": vae.encoder.state_dict(), "decoder": vae.decoder.state_dict(),
-                           "optimizer": opt.state_dict(), "rng": rng_state(gen)}, state_file)
+                           "optimizer": opt.state_dict(), "rng": rng_state(gen), "precision": precision},
+                          state_file)
 
     # SIGINT/SIGTERM: acted on at the end of the step in progress; the state of the last
     # finished step is saved so that --resume continues from it.
@@ -251,7 +253,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, overwrite:
     vae.to("cpu")
     meta = {META_PREFIX + "train_config": json_meta(asdict(cfg)),
             META_PREFIX + "version": __version__,
-            META_PREFIX + "precision": precision,  # what ran (the config says what was asked)
+            META_PREFIX + "train_precision": precision,  # what ran (the config says what was asked)
             META_PREFIX + "data": json.dumps({"name": data.name, "n": int(x_all.shape[0])})}
     with signals.deferred():  # OUT is whole or absent; a signal now lets the run finish
         with atomic_output(out, overwrite=overwrite) as tmp:

@@ -360,7 +360,7 @@ class TuneRecipe:
             self.save_state()
 
     def _load_state(self) -> None:
-        state = load_state(self.state_file, config=json_meta(asdict(self.cfg)))
+        state = load_state(self.state_file, config=json_meta(asdict(self.cfg)), precision=self.precision)
         if state.get("input_sha256") != self.input_sha:
             raise SelfconsistError(f"{self.state_file} belongs to another input model")
         saved, dist = int(state.get("world_size", 1)), self.dist
@@ -386,7 +386,8 @@ class TuneRecipe:
                                "responsive": self.responsive, "mu_base": self.mu_base,
                                "world_size": self.dist.world_size, "rng_ranks": rngs,
                                "encoder": self.vae.encoder_state(), "optimizer": self.opt.state_dict(),
-                               "scheduler": self.sched.state_dict(), "rng": rngs[0]}, self.state_file)
+                               "scheduler": self.sched.state_dict(), "rng": rngs[0],
+                               "precision": self.precision}, self.state_file)
 
     def train_step(self) -> dict[str, Tensor]:
         """One optimiser step; returns the per-item terms and the loss (key ``loss``)."""

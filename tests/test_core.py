@@ -233,7 +233,7 @@ def test_train_cli_acceptance(tmp_path):
     with safe_open(str(out), "pt") as f:
         cfg = json.loads(f.metadata()["selfconsist.config"])
         train_cfg = json.loads(f.metadata()["selfconsist.train_config"])
-        precision = f.metadata()["selfconsist.precision"]
+        precision = f.metadata()["selfconsist.train_precision"]
     assert cfg["arch"] == "mlp" and cfg["latent_dim"] == 64 and train_cfg["objective"] == "avae"
     # every option not typed took TrainConfig's own default: the CLI declares none of its own
     from dataclasses import asdict

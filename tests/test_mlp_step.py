@@ -395,10 +395,10 @@ def _train_step_results(vae: BuiltinVAE, x: torch.Tensor, rho: float | None, kin
         p.grad = None
     gen = torch.Generator().manual_seed(5)
     if kind == "bf16":
-        step = mlp_step.MLPTrainStep(vae, rho, dtype=torch.bfloat16)
-    else:
-        step = AutogradStep(vae, rho, "bf16" if kind == "autocast" else "fp32")
-    loss, terms = step(x, gen)
+        loss, terms = mlp_step.MLPTrainStep(vae, rho, dtype=torch.bfloat16)(x, gen)
+    else:  # torch's autocast itself: runtime.autocast refuses bf16 on CPUs without bf16 units
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=kind == "autocast"):
+            loss, terms = AutogradStep(vae, rho)(x, gen)
     return loss, terms, [p.grad.clone() for p in _params(vae)], gen.get_state()
 
 
@@ -476,7 +476,7 @@ def test_bf16_train_runs_and_resumes_bit_identically(tmp_path, monkeypatch, mode
         assert torch.equal(a, b) and a.is_contiguous()
     with safe_open(tmp_path / "part.safetensors", "pt") as f:
         meta = f.metadata()
-    assert meta["selfconsist.precision"] == "bf16"
+    assert meta["selfconsist.train_precision"] == "bf16"
     assert json.loads(meta["selfconsist.train_config"])["precision"] == "bf16"
     # and it differs from an fp32 run: bf16 really ran
     fp32 = train(TrainConfig(**{**cfg.__dict__, "precision": "fp32"}), tmp_path / "fp32.safetensors",
@@ -494,7 +494,7 @@ def test_train_auto_precision_keeps_fp32_for_a_small_mlp(tmp_path, monkeypatch) 
     cfg = TrainConfig(data="digits", steps=3, latent_dim=4, hidden=16, depth=2, device="cpu", precision="auto")
     train(cfg, tmp_path / "a.safetensors", progress=False)
     with safe_open(tmp_path / "a.safetensors", "pt") as f:
-        assert f.metadata()["selfconsist.precision"] == "fp32"
+        assert f.metadata()["selfconsist.train_precision"] == "fp32"
 
 
 def test_train_refuses_bf16_on_a_cpu_without_bf16_units(tmp_path, monkeypatch) -> None:
@@ -506,3 +506,78 @@ def test_train_refuses_bf16_on_a_cpu_without_bf16_units(tmp_path, monkeypatch) -
     with pytest.raises(SelfconsistError, match="bf16 units"):
         train(cfg, tmp_path / "a.safetensors", progress=False)
     assert not (tmp_path / "a.safetensors").exists()
+
+
+def test_train_resume_refuses_a_state_of_another_precision(tmp_path, monkeypatch) -> None:
+    # --precision auto resolves by machine: a state of a bf16 run must not continue in fp32
+    import sys
+
+    from selfconsist import runtime
+    from selfconsist.errors import SelfconsistError
+
+    recipe = sys.modules["selfconsist.train"]
+    cfg = TrainConfig(data="digits", steps=20, save_every=5, latent_dim=4, hidden=16, depth=2,
+                      device="cpu", precision="auto")
+    monkeypatch.setattr(recipe, "resolve_precision", lambda *a, **k: "bf16")
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: True)  # bf16 runs (emulated) anywhere
+    original = recipe.check_finite
+
+    def stop_at_7(step, loss):
+        if step == 7:
+            raise KeyboardInterrupt
+        original(step, loss)
+
+    monkeypatch.setattr(recipe, "check_finite", stop_at_7)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "m.safetensors", progress=False)
+    monkeypatch.setattr(recipe, "check_finite", original)
+    monkeypatch.setattr(recipe, "resolve_precision", lambda *a, **k: "fp32")
+    with pytest.raises(SelfconsistError, match="written by a run in bf16.*--precision bf16"):
+        train(cfg, tmp_path / "m.safetensors", resume=True, progress=False)
+    monkeypatch.setattr(recipe, "resolve_precision", lambda *a, **k: "bf16")
+    train(cfg, tmp_path / "m.safetensors", resume=True, progress=False)  # the same precision resumes
+
+
+def test_train_resumes_a_state_from_before_precision_was_a_setting(tmp_path, monkeypatch) -> None:
+    import json
+    import sys
+
+    recipe = sys.modules["selfconsist.train"]
+    cfg = TrainConfig(data="digits", steps=20, save_every=5, latent_dim=4, hidden=16, depth=2, device="cpu")
+    full = train(cfg, tmp_path / "full.safetensors", progress=False)
+    original = recipe.check_finite
+
+    def stop_at_7(step, loss):
+        if step == 7:
+            raise KeyboardInterrupt
+        original(step, loss)
+
+    monkeypatch.setattr(recipe, "check_finite", stop_at_7)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "old.safetensors", progress=False)
+    monkeypatch.setattr(recipe, "check_finite", original)
+    # rewrite the state as the previous release wrote it: no precision anywhere
+    path = tmp_path / "old.safetensors.state.pt"
+    state = torch.load(path, weights_only=True)
+    del state["precision"]
+    old_cfg = json.loads(state["config"])
+    del old_cfg["precision"]
+    state["config"] = json.dumps(old_cfg, sort_keys=True)
+    torch.save(state, path)
+    resumed = train(cfg, tmp_path / "old.safetensors", resume=True, progress=False)
+    for a, b in zip(full.state_tensors().values(), resumed.state_tensors().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not cpu_has_bf16(), reason="train --precision bf16 needs a CPU with bf16 units")
+def test_train_auto_precision_takes_bf16_for_a_large_mlp(tmp_path, monkeypatch) -> None:
+    from safetensors import safe_open
+
+    from selfconsist import runtime
+
+    monkeypatch.setattr(runtime, "cpu_bf16_is_faster", lambda: True)
+    cfg = TrainConfig(data="digits", steps=3, latent_dim=16, hidden=200, depth=4, device="cpu", precision="auto")
+    vae = train(cfg, tmp_path / "a.safetensors", progress=False)
+    assert vae.num_parameters()[0] >= runtime.CPU_BF16_MIN_ENCODER_PARAMS
+    with safe_open(tmp_path / "a.safetensors", "pt") as f:
+        assert f.metadata()["selfconsist.train_precision"] == "bf16"

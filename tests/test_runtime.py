@@ -261,3 +261,23 @@ def test_keep_freed_memory_stops_the_per_step_page_faults() -> None:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     cycle()
     assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 50
+
+
+def test_load_state_checks_settings_added_later_and_the_precision_that_ran(tmp_path):
+    from selfconsist.errors import SelfconsistError
+    from selfconsist.io import atomic_torch_save, json_meta, load_state
+
+    path = tmp_path / "s.state.pt"
+    atomic_torch_save({"config": json_meta({"lr": 1e-3}), "precision": "bf16"}, path)
+    # a setting added since the state was written counts as the value older runs had
+    assert load_state(path, config=json_meta({"lr": 1e-3, "precision": "fp32"}), added={"precision": "fp32"})
+    with pytest.raises(SelfconsistError, match="other settings"):
+        load_state(path, config=json_meta({"lr": 1e-3, "precision": "bf16"}), added={"precision": "fp32"})
+    with pytest.raises(SelfconsistError, match="other settings"):
+        load_state(path, config=json_meta({"lr": 1e-3, "precision": "fp32"}))
+    # the precision that ran must be the one this run resolves to
+    with pytest.raises(SelfconsistError, match="run in bf16.*--precision bf16"):
+        load_state(path, precision="fp32")
+    assert load_state(path, precision="bf16")["precision"] == "bf16"
+    atomic_torch_save({"config": json_meta({"lr": 1e-3})}, path)  # older: precision not recorded
+    assert "precision" not in load_state(path, precision="fp32")

@@ -34,7 +34,7 @@ def describe(vae) -> dict:
     meta = getattr(vae, "metadata", {}) or {}
     for key in ("selfconsist.tune_config", "selfconsist.metrics", "selfconsist.input_sha256",
                 "selfconsist.command", "selfconsist.version", "selfconsist.precision",
-                "selfconsist.world_size"):
+                "selfconsist.world_size", "selfconsist.train_precision"):
         if key in meta:
             try:
                 info[key.split(".", 1)[1]] = json.loads(meta[key])
