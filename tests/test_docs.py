@@ -2,10 +2,12 @@
 
 * ``docs/layout.md``'s package table lists exactly the ``.py`` files under ``selfconsist/``
   (a row is a table line whose first cell is a backticked ``selfconsist/...py`` path);
-* every relative link in ``README.md`` and ``docs/*.md`` (``[text](target)``, images and
+* every relative link in ``README.md``, ``docs/``, ``benchmarks/`` and ``examples/`` (``[text](target)``, images and
   reference definitions included) points to a file or folder that exists. Web (``http(s)``),
-  ``mailto:`` and in-page ``#anchor`` links are not checked, nor is the anchor of
-  ``page.md#anchor``; links inside code blocks and code spans are not links.
+  ``mailto:`` links are not checked; links inside code blocks and code spans are not links;
+* every ``#anchor`` of such a link, in-page or ``page.md#anchor``, names a heading of that page
+  (GitHub's rule: the heading's text lowercased, punctuation dropped, spaces to hyphens, ``-1``,
+  ``-2`` … for repeats) or an ``<a id="…">`` in it.
 """
 
 from __future__ import annotations
@@ -69,17 +71,52 @@ def links(text: str) -> list[tuple[int, str]]:
     return [(n, t[1:-1] if t.startswith("<") and t.endswith(">") else t) for n, t in out]
 
 
+_HEADING = re.compile(r"^\s{0,3}(#{1,6})\s+(.*?)\s*#*\s*$")
+_HTML_ID = re.compile(r"<a\s+(?:id|name)=\"([^\"]+)\"")
+_MD_LINK = re.compile(r"!?\[((?:[^\[\]]|\[[^\]]*\])*)\]\([^)]*\)")
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading's text: links reduced to their text, code spans to their
+    content, then lowercased, everything but letters, digits, ``_``, ``-`` and spaces dropped,
+    each space a hyphen."""
+    text = _MD_LINK.sub(r"\1", heading).replace("`", "")
+    return re.sub(r"[^\w\- ]", "", text.lower()).replace(" ", "-")
+
+
+def anchors(text: str) -> set[str]:
+    """Every anchor a page defines: its headings' slugs (repeats numbered) and HTML ids."""
+    seen: dict[str, int] = {}
+    out: set[str] = set()
+    in_fence = False
+    for line in text.splitlines():
+        if _FENCE.match(line):
+            in_fence = not in_fence
+            continue
+        if in_fence:
+            continue
+        out.update(_HTML_ID.findall(line))
+        if m := _HEADING.match(line):
+            s = slug(m.group(2))
+            n = seen.get(s, 0)
+            seen[s] = n + 1
+            out.add(s if n == 0 else f"{s}-{n}")
+    return out
+
+
 def broken_links(page: Path) -> list[str]:
     bad = []
     for n, target in links(page.read_text(encoding="utf-8")):
-        if not target or target.startswith("#") or _EXTERNAL.match(target):
+        if not target or _EXTERNAL.match(target):
             continue
-        path = unquote(re.split(r"[#?]", target, maxsplit=1)[0])
-        if not path:
-            continue
-        resolved = (ROOT / path.lstrip("/")) if path.startswith("/") else (page.parent / path)
+        path, _, anchor = unquote(target.split("?", 1)[0]).partition("#")
+        resolved = page if not path else (
+            (ROOT / path.lstrip("/")) if path.startswith("/") else (page.parent / path))
+        where = f"{page.relative_to(ROOT).as_posix()}:{n}: {target}"
         if not resolved.exists():
-            bad.append(f"{page.relative_to(ROOT).as_posix()}:{n}: {target}")
+            bad.append(where)
+        elif anchor and resolved.suffix == ".md" and anchor not in anchors(resolved.read_text(encoding="utf-8")):
+            bad.append(where + " (no such heading)")
     return bad
 
 
@@ -90,7 +127,14 @@ def test_links_parse():
         "docs/x.md", "img/y.png", "x.md#anchor", "#only", "https://e.org", "with space.md", "../ref.py"]
 
 
+def test_slugs_follow_github():
+    assert slug("bf16 for `train` (Zen 4, 2026-12-03)") == "bf16-for-train-zen-4-2026-12-03"
+    assert slug("Speed, against the [official](x.md) code: ≥ 1.2×") == "speed-against-the-official-code--12"
+    assert anchors("# A\n## A\n```\n# A\n```\n<a id=\"x\"></a>\n") == {"a", "a-1", "x"}
+
+
 def test_relative_links_resolve():
-    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),
+             *sorted((ROOT / "benchmarks").glob("*.md")), *sorted((ROOT / "examples").rglob("*.md"))]
     bad = [entry for page in pages for entry in broken_links(page)]
-    assert not bad, f"{len(bad)} relative link(s) point to no file:\n  " + "\n  ".join(bad)
+    assert not bad, f"{len(bad)} relative link(s) point to no file or heading:\n  " + "\n  ".join(bad)
