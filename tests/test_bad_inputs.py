@@ -268,6 +268,11 @@ CASES = [
     (["push", "{outdir}/nothing", "--repo-id", "me/x", "--dry-run", "{outdir}/dry"], 2, "nothing"),
     (["push", "{good}", "--repo-id", "not a repo id", "--dry-run", "{outdir}/dry"], 2, "repo"),
     (["push", "{push_not_model}", "--repo-id", "me/x", "--dry-run", "{outdir}/dry"], 2, "push_not_model"),
+    # usage errors (click's own): one line too, naming the help to read
+    (["tune", "{good}", "-o", "{out}", "--nope"], 2, "No such option: --nope; see 'selfconsist tune -h'"),
+    (["train", "-o", "{out}", "--steps", "abc"], 2, "'--steps'"),
+    (["eval", "{good}"], 2, "Missing option '--out'"),
+    (["info"], 2, "Missing argument"),
 ]
 
 
@@ -297,6 +302,15 @@ def test_bad_input_one_line_nothing_left(inputs, tmp_path, capsys, monkeypatch, 
     assert _tree_digest(root) == before, "an input was modified"
     assert sorted(os.listdir(outdir)) == [], f"left behind: {os.listdir(outdir)}"
     assert not inputs["marker"].exists(), "pickled code ran"
+
+
+def test_usage_errors_outside_commands_are_one_line_too(capsys):
+    _check(*_cli(capsys, ["bogus"]), 2, "No such command 'bogus'; see 'selfconsist -h'")
+    _check(*_cli(capsys, ["-q"]), 2, "Missing command")
+    code, out, err = _cli(capsys, [])  # no arguments at all: the help, once, on stdout
+    assert code == 2 and err == "" and out.count("Usage: selfconsist") == 1, (code, out, err)
+    code, out, err = _cli(capsys, ["tune", "-h"])
+    assert code == 0 and out.count("Usage: selfconsist tune") == 1 and err == "", (code, err)
 
 
 def test_battery_has_forty_cases():

@@ -1,7 +1,8 @@
 """The ``selfconsist`` command line: one module per command, errors as one red line.
 
 Results go to stdout, progress and errors to stderr. A :class:`SelfconsistError`
-(bad input the user can fix) exits with code 2 and no traceback; ``--debug``
+(bad input the user can fix) and a usage error (an unknown option, a missing argument, a value
+of the wrong type) exit with code 2 and no traceback; ``--debug``
 anywhere on the command line shows the traceback instead. ``--quiet``/``-q`` and
 ``--verbose``/``-v`` set the level of the ``selfconsist`` logger and are accepted
 anywhere too. A run stopped by SIGINT/SIGTERM exits with 130/143 after one line that
@@ -85,6 +86,19 @@ def print_stopped(e: Interrupted, argv: list[str]) -> None:
     Console(stderr=True, soft_wrap=True).print(f"[bold yellow]Stopped:[/bold yellow] {escape(line)}")
 
 
+def _click_error(e: BaseException) -> str | None:
+    """What kind of click error ``e`` is: "help" (no arguments), "usage", "abort", "other" (any
+    other click exception), or None for anything else. By class name, because typer from 0.2x
+    raises the exceptions of its own copy of click, not ``click``'s."""
+    names = {k.__name__ for k in type(e).__mro__}
+    if "ClickException" not in names and "Abort" not in names:
+        return None
+    for name, kind in (("NoArgsIsHelpError", "help"), ("UsageError", "usage"), ("Abort", "abort")):
+        if name in names:
+            return kind
+    return "other"
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -94,7 +108,9 @@ def main(argv: list[str] | None = None) -> None:
     argv = flags + [a for a in argv[:cut] if a not in GLOBAL_FLAGS] + argv[cut:]
     _register()
     try:
-        app(args=argv, prog_name="selfconsist")
+        # standalone_mode=False: click raises its usage errors instead of printing them as a
+        # boxed panel, so that they too are one line (below); --help and typer.Exit return a code.
+        code = app(args=argv, prog_name="selfconsist", standalone_mode=False)
     except Interrupted as e:
         if debug:
             raise
@@ -113,3 +129,19 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print_error("interrupted; resume with --resume where the command offers it")
         sys.exit(130)
+    except Exception as e:
+        kind = _click_error(e)
+        if kind is None or debug:
+            raise
+        if kind == "help":
+            pass  # `selfconsist` alone: typer's rich help printed it while raising; exit 2
+        elif kind == "usage":  # an unknown option, a missing argument, a value of the wrong type
+            ctx = getattr(e, "ctx", None)
+            command = ctx.command_path if ctx is not None else "selfconsist"
+            message = e.format_message().rstrip(".")  # type: ignore[attr-defined]
+            print_error(f"{message}; see '{command} -h'")
+        else:
+            print_error("aborted" if kind == "abort" else e.format_message())  # type: ignore[attr-defined]
+        sys.exit(getattr(e, "exit_code", 1))
+    if isinstance(code, int) and code != 0:  # typer.Exit(code) inside a command
+        sys.exit(code)
