@@ -58,7 +58,7 @@ from . import metrics as M
 from . import realimage as R
 from ._version import __version__
 from .adapters.base import VAEAdapter
-from .data import Dataset, check_matches, load_dataset
+from .data import FITS, Dataset, check_matches, load_dataset
 from .errors import DataError, SelfconsistError
 from .io import atomic_output
 from .metricdefs import DEFINITIONS, lookup
@@ -126,8 +126,8 @@ class EvalConfig:
             raise SelfconsistError("--n-train must not be negative")
         if self.n_test is not None and self.n_test < 2:
             raise SelfconsistError("--n-test must be at least 2")
-        if self.fit not in ("crop", "tile"):
-            raise SelfconsistError(f"--fit must be crop or tile, got {self.fit!r}")
+        if self.fit not in FITS:
+            raise SelfconsistError(f"--fit must be {' or '.join(FITS)}, got {self.fit!r}")
         try:
             cycles = tuple(sorted({int(k) for k in self.cycles}))
         except (TypeError, ValueError):

@@ -20,16 +20,25 @@ import torch
 
 from .errors import Interrupted, NonFiniteLossError, SelfconsistError
 
+#: What ``--device`` (and every config's ``device``) takes: one text for the help of every
+#: command and for the error below.
+DEVICES = "cpu, cuda, cuda:N, mps or auto"
+
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU is a clear error."""
+    """``auto`` → CUDA when available, else CPU; a device that is not there is a clear error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SelfconsistError("--device cuda was asked for, but no CUDA GPU is visible; use --device cpu")
-    if name not in ("cpu",) and not name.startswith("cuda") and name != "mps":
-        raise SelfconsistError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto")
-    return torch.device(name)
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise SelfconsistError("--device mps was asked for, but this machine has no MPS device; use --device cpu")
+    if name not in ("cpu", "mps") and not name.startswith("cuda"):
+        raise SelfconsistError(f"unknown device {name!r}; use {DEVICES}")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:  # e.g. cuda:x
+        raise SelfconsistError(f"unknown device {name!r}; use {DEVICES}") from e
 
 
 def _flags(cpuinfo: str) -> set[str]:

@@ -40,6 +40,7 @@ from .io import (
 from .models import INITS, ModelConfig
 from .runtime import (
     CPU_BF16_MIN_ENCODER_PARAMS,
+    DEVICES,
     PRECISIONS,
     Progress,
     adam,
@@ -72,7 +73,7 @@ class TrainConfig:
     batch_size: int = option(64, "Mini-batch size.")
     lr: float = option(1e-3, "Adam learning rate.")
     seed: int = option(0, "Seed for initialisation and mini-batches.")
-    device: str = option("auto", "cpu, cuda or auto.")
+    device: str = option("auto", f"{DEVICES}.")
     precision: str = option("fp32", "fp32, bf16 (CUDA, or a CPU with bf16 units), or auto: bf16 where "
                             "it runs faster (the hardware; on CPU an MLP also needs ≥ "
                             f"{CPU_BF16_MIN_ENCODER_PARAMS:,} encoder parameters; OUT records which ran).",

@@ -33,6 +33,7 @@ from . import distributed, mlp_step, posthoc
 from ._version import __version__
 from .adapters.base import VAEAdapter
 from .budget import MeasurementPlan, plan_measurement
+from .data import FITS
 from .errors import NonFiniteLossError, SelfconsistError
 from .io import (
     META_PREFIX,
@@ -50,6 +51,7 @@ from .metrics import encode_batched, responsive_elements, roundtrip_summary
 from .realimage import channel_std, latent_shift_per_image, shift_warning
 from .runtime import (
     CPU_BF16_MIN_ENCODER_PARAMS,
+    DEVICES,
     PRECISIONS,
     Progress,
     adam,
@@ -117,7 +119,7 @@ class TuneConfig:
                                  "(PNG/JPEG, any size; your own photos or generations), encoded "
                                  "once; the anchor is then taken on them.", _Z0, metavar="DIR")
     fit: str | None = setting("crop", "How --images of another size fit the model: crop (shorter "
-                              "side resized, centre crop) or tile.", _Z0, choices=("crop", "tile"))
+                              "side resized, centre crop) or tile.", _Z0, choices=FITS)
     sample_noise: bool | None = setting(False, "Add N(0, v) observation noise to decoded samples.", _Z0)
     steps: int | None = setting(5000, "Optimiser steps.", _OPT)
     batch_size: int | None = setting(128, "Samples per step.", _OPT)
@@ -131,7 +133,7 @@ class TuneConfig:
                                     "parameters; OUT records which ran).",
                                     _OPT, choices=PRECISIONS)
     seed: int | None = setting(0, "Seed for z₀ draws and noise.", _RUN)
-    device: str | None = setting("auto", "cpu, cuda or auto.", _RUN)
+    device: str | None = setting("auto", f"{DEVICES}.", _RUN)
     save_every: int | None = setting(500, "Write a resumable state every N steps.", _RUN)
     eval_samples: int | None = setting(None, "Prior samples for the before/after table (default: "
                                        "sized so the measurement costs ≤ 10% of the run).", _RUN)

@@ -671,3 +671,16 @@ def test_garbage_config_beside_diffusers_weights_is_named(tmp_path, base_model):
     (tmp_path / "m" / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="config.json: not a diffusers config"):
         load(tmp_path / "m")
+
+
+@pytest.mark.parametrize("word,expected", [
+    ("on", {"encoder": True, "decoder": True}), ("all", {"encoder": True, "decoder": True}),
+    ("encoder", {"encoder": True, "decoder": False}), ("off", {"encoder": False, "decoder": False})])
+def test_gradient_checkpointing_flag_takes_what_python_takes(word, expected):
+    """--gradient-checkpointing WORD loads the model as the Python value it stands for."""
+    from selfconsist.adapters.options import parse_gradient_checkpointing
+
+    vae = DiffusersVAE.from_model(tiny_kl(), gradient_checkpointing=parse_gradient_checkpointing(word))
+    assert vae.checkpointing == expected
+    with pytest.raises(SelfconsistError, match="on, encoder or off"):
+        parse_gradient_checkpointing("sometimes")

@@ -579,3 +579,34 @@ def test_dry_run_leaves_the_model_files_as_they_were(tmp_path, tiny_model):
     # The preview is a copy: editing it cannot reach the tuned model.
     (tmp_path / "preview" / "tuned.safetensors").write_bytes(b"edited")
     assert model.read_bytes() == before
+
+
+def test_tune_flags_are_the_tune_commands_own():
+    """publish.TUNE_FLAGS mirrors `selfconsist tune`'s value-free options (the hub cannot import
+    the CLI): every flag of the command, both spellings, and the global ones."""
+    from typer.main import get_command
+
+    from selfconsist.cli import GLOBAL_FLAGS, _register, app
+    from selfconsist.hub.publish import TUNE_FLAGS
+
+    _register()
+    declared = set(GLOBAL_FLAGS) | {"-h", "--help"}
+    for p in get_command(app).commands["tune"].params:
+        if getattr(p, "is_flag", False) or getattr(p, "count", False):
+            declared |= set(p.opts) | set(p.secondary_opts)
+    assert set(TUNE_FLAGS) == declared
+
+
+@pytest.mark.parametrize("command,repo,revision", [
+    ("selfconsist tune --gradient-checkpointing off owner/base", "owner/base", None),
+    ("selfconsist tune --print-config --enable-tiling --no-sample-noise owner/base --steps 5", "owner/base", None),
+    ("selfconsist tune --steps 50 --rho=0.9 owner/base --revision abc", "owner/base", "abc"),
+    ("selfconsist tune ./local.safetensors --steps 5", None, None),
+])
+def test_base_model_read_from_a_recorded_command(command, repo, revision):
+    """Checkpoints from before `selfconsist.source` existed name their base only in the recorded
+    command: options with a value are skipped with it, flags alone (`publish.TUNE_FLAGS`)."""
+    from selfconsist.hub.publish import _base_from_meta
+
+    src = _base_from_meta({"selfconsist.command": command})
+    assert (src.repo_id, src.revision) == (repo, revision)

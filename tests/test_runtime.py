@@ -281,3 +281,17 @@ def test_load_state_checks_settings_added_later_and_the_precision_that_ran(tmp_p
     assert load_state(path, precision="bf16")["precision"] == "bf16"
     atomic_torch_save({"config": json_meta({"lr": 1e-3})}, path)  # older: precision not recorded
     assert "precision" not in load_state(path, precision="fp32")
+
+
+def test_resolve_device_names_what_it_takes():
+    import torch
+
+    from selfconsist.errors import SelfconsistError
+    from selfconsist.runtime import DEVICES, resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(SelfconsistError, match=f"unknown device 'gpu'; use {DEVICES}"):
+        resolve_device("gpu")
+    if not torch.backends.mps.is_available():
+        with pytest.raises(SelfconsistError, match="no MPS device"):
+            resolve_device("mps")

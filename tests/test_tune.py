@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -37,7 +38,8 @@ def _sha(path: Path) -> str:
 def test_cli_tune_freezes_decoder_changes_encoder_and_records_metadata(tmp_path, digits_model):
     sha_in = _sha(digits_model)
     out = tmp_path / "tuned.safetensors"
-    r = run_cli("tune", str(digits_model), "--out", str(out), "--steps", "150", "--lr", "1e-3", *FAST)
+    args = ["tune", str(digits_model), "--out", str(out), "--steps", "150", "--lr", "1e-3", *FAST]
+    r = run_cli("-v", *args)  # a global flag before the command, and -q (in FAST) after it
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().endswith(str(out))
     assert _sha(digits_model) == sha_in  # the input is never modified
@@ -57,7 +59,8 @@ def test_cli_tune_freezes_decoder_changes_encoder_and_records_metadata(tmp_path,
     metrics = json.loads(meta["selfconsist.metrics"])
     assert {"before", "after"} <= set(metrics)
     assert metrics["after"]["sample_roundtrip_mse"]["value"] < metrics["before"]["sample_roundtrip_mse"]["value"]
-    assert meta["selfconsist.command"].startswith("selfconsist tune ")
+    # the command as typed, rerunnable: global flags (-v, -q) out wherever they stood
+    assert meta["selfconsist.command"] == "selfconsist " + shlex.join([a for a in args if a != "-q"])
     assert "sample_roundtrip_mse" in r.stderr  # the before/after table
     # with its verdicts and a summary that opens it, even under -q (it is a result)
     assert "lower is better" in r.stderr and "higher is better" in r.stderr

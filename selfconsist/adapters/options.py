@@ -26,6 +26,25 @@ def _flag(name: str) -> dict[str, str]:
     return {"flag": name}
 
 
+#: ``--gradient-checkpointing``'s words → :attr:`LoadOptions.gradient_checkpointing` (the
+#: values the Python API takes: True or "all" for encoder and decoder, "encoder", False).
+GRADIENT_CHECKPOINTING: dict[str, bool | str] = {
+    "on": True, "all": "all", "encoder": "encoder", "off": False,
+    "true": True, "yes": True, "1": True, "false": False, "no": False, "0": False,
+}
+
+
+def parse_gradient_checkpointing(word: str | None) -> bool | str | None:
+    """The value of ``--gradient-checkpointing WORD`` (None: not given, the adapter's default)."""
+    if word is None:
+        return None
+    try:
+        return GRADIENT_CHECKPOINTING[word.lower()]
+    except KeyError:
+        raise SelfconsistError(f"--gradient-checkpointing must be on, encoder or off (all: the same "
+                               f"as on), got {word!r}") from None
+
+
 @dataclass(frozen=True)
 class LoadOptions:
     """How to load a checkpoint. Unset fields (None / False) leave the adapter's defaults.

@@ -18,6 +18,7 @@ import sys
 import typer
 
 from ..errors import Interrupted, NonFiniteLossError, SelfconsistError
+from . import _app
 from ._app import app
 
 # Flags of the root command that main() also accepts after the command name.
@@ -105,7 +106,8 @@ def main(argv: list[str] | None = None) -> None:
     # Accept the global flags anywhere (before an argument-only "--"), hand them to the root.
     cut = argv.index("--") if "--" in argv else len(argv)
     flags = [a for a in argv[:cut] if a in GLOBAL_FLAGS]
-    argv = flags + [a for a in argv[:cut] if a not in GLOBAL_FLAGS] + argv[cut:]
+    _app.INVOKED = [a for a in argv[:cut] if a not in GLOBAL_FLAGS] + argv[cut:]
+    argv = flags + _app.INVOKED
     _register()
     try:
         # standalone_mode=False: click raises its usage errors instead of printing them as a
@@ -143,5 +145,5 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print_error("aborted" if kind == "abort" else e.format_message())  # type: ignore[attr-defined]
         sys.exit(getattr(e, "exit_code", 1))
-    if isinstance(code, int) and code != 0:  # typer.Exit(code) inside a command
-        sys.exit(code)
+    # Exit as click's standalone mode does, also on success: typer.Exit(code) returns its code.
+    sys.exit(code if isinstance(code, int) else 0)

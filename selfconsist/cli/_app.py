@@ -4,6 +4,9 @@ Were it defined in ``__init__``, every command module would import its own impor
 
 from __future__ import annotations
 
+import shlex
+import sys
+
 import typer
 
 app = typer.Typer(
@@ -15,3 +18,16 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+#: The arguments ``main`` was given, without the global flags (set by ``main``; None when a
+#: command runs some other way, e.g. typer's test runner).
+INVOKED: list[str] | None = None
+
+
+def command_line() -> str:
+    """``selfconsist ARGS`` as the user typed it, for the record a run keeps of itself (the
+    checkpoint's ``selfconsist.command``, the model card): the global flags (--debug, -q, -v,
+    which change what is printed, not what runs) are left out wherever they stood, so the line
+    reruns the same job."""
+    args = INVOKED if INVOKED is not None else [a for a in sys.argv[1:] if a != "--debug"]
+    return "selfconsist " + shlex.join(args)

@@ -13,6 +13,7 @@ from typing import Any
 import typer
 
 from ..adapters.options import option_label as flag
+from ..adapters.options import parse_gradient_checkpointing
 from ..loading import LoadOptions
 
 AdapterOpt = typer.Option(
@@ -48,24 +49,13 @@ LOAD_OPTIONS: dict[str, tuple[Any, Any]] = {
         False, flag("tiling"), help="Encode/decode large images in tiles (diffusers).")),
     # on/off rather than a --x/--no-x pair: the pair would take half of a 100-column help
     "gradient_checkpointing": (str | None, typer.Option(
-        None, flag("gradient_checkpointing"), metavar="on|off",
-        help="Recompute activations in the backward pass (default: on with CUDA, diffusers).")),
+        None, flag("gradient_checkpointing"), metavar="on|encoder|off",
+        help="Recompute activations in the backward pass: on (encoder and decoder), encoder "
+        "only, or off (default: on with CUDA; diffusers).")),
 }
 for _ann, _opt in LOAD_OPTIONS.values():
     _opt.rich_help_panel = "Loading"
 AdapterOpt.rich_help_panel = TrustOpt.rich_help_panel = "Loading"
-
-
-def _on_off(value: str | None) -> bool | None:
-    if value is None:
-        return None
-    if value.lower() in ("on", "true", "yes", "1"):
-        return True
-    if value.lower() in ("off", "false", "no", "0"):
-        return False
-    from ..errors import SelfconsistError
-
-    raise SelfconsistError(f"--gradient-checkpointing must be on or off, got {value!r}")
 
 
 def with_load_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -79,7 +69,7 @@ def with_load_options(func: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         given = {k: kwargs.pop(k) for k in LOAD_OPTIONS}
-        given["gradient_checkpointing"] = _on_off(given["gradient_checkpointing"])
+        given["gradient_checkpointing"] = parse_gradient_checkpointing(given["gradient_checkpointing"])
         kwargs["load"] = LoadOptions(**given)
         return func(*args, **kwargs)
 

@@ -11,6 +11,7 @@ from ..errors import SelfconsistError
 from ..evaluate import FAST_PRESET, EvalConfig, evaluate
 from ..loading import LoadOptions
 from ..report import render_table
+from ..runtime import DEVICES
 from ._app import app
 from .common import AdapterOpt, TrustOpt, with_load_options
 
@@ -104,7 +105,7 @@ def eval_command(
     batch_size: int | None = typer.Option(
         None, "--batch-size", help=f"Batch size of every pass (default {D.batch_size})."),
     device: str | None = typer.Option(None, "--device",
-                                      help=f"cpu, cuda or auto (default {D.device})."),
+                                      help=f"{DEVICES} (default {D.device})."),
     prior: str | None = typer.Option(None, "--prior", help="Prior by name (see info)."),
     adapter: str | None = AdapterOpt,
     compare_adapter: str | None = typer.Option(

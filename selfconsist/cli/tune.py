@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
-import sys
 from pathlib import Path
 
 import typer
@@ -11,7 +9,7 @@ import typer
 from ..loading import LoadOptions, load_model
 from ..settings import Resolved
 from ..tune import TuneConfig, resolve_config
-from ._app import app
+from ._app import app, command_line
 from .common import AdapterOpt, TrustOpt, with_load_options
 from .options import with_config_options
 
@@ -20,8 +18,10 @@ _RUN, _LOAD = "Run and output", "Loading"
 
 
 def _family(key: str) -> str:
-    """Help text naming the families whose defaults differ from the generic one."""
+    """Help text naming the families, and the bundled example, whose defaults differ from the
+    generic one (the layers of :func:`selfconsist.tune.resolve_config`)."""
     from ..adapters import available_adapters, get_adapter_class
+    from ..tune import EXAMPLE_SETTINGS
 
     notes = []
     for name in available_adapters():
@@ -29,6 +29,8 @@ def _family(key: str) -> str:
         for attr, when in (("tune_defaults", ""), ("tune_defaults_images", " with --images")):
             if key in getattr(cls, attr, {}):
                 notes.append(f"{cls.name}{when}: {getattr(cls, attr)[key]}")
+    if key in EXAMPLE_SETTINGS:
+        notes.append(f"the bundled example (no MODEL): {EXAMPLE_SETTINGS[key]}")
     return f"; {', '.join(notes)}" if notes else ""
 
 
@@ -100,8 +102,7 @@ def tune(
     if print_config:
         print_settings(resolve_config(vae, cfg, example=example))
         return
-    args = [a for a in sys.argv[1:] if a != "--debug"]
-    command = "selfconsist tune " + shlex.join(args[1:] if args[:1] == ["tune"] else args)
+    command = command_line()
     try:
         result = run(vae, cfg, out, resume=resume, overwrite=overwrite, progress=True,
                      metadata={META_PREFIX + "command": command}, example=example, advise=False)
