@@ -51,6 +51,9 @@ def run(model: str, recipe: str, steps: int, image_size: int | None, precision: 
     settings = resolve_config(vae, cfg)
     r = TuneRecipe(vae, settings, None, resume=False, overwrite=False, progress=False, metadata=None)
     r.setup()
+    # begin() would measure the base model first (minutes at SD size) and set v from it; the
+    # step's passes and speed do not depend on v, so the model's own stands in for it here.
+    r.obs_var = float(settings.config.obs_var if settings.config.obs_var is not None else vae.obs_var)
     counter: Counter = Counter()
     batch = settings.config.batch_size
     count_passes(r.vae, "tuned", counter, batch)
