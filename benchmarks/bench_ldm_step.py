@@ -44,7 +44,7 @@ def count_passes(adapter: Any, name: str, counter: Counter, batch: int) -> None:
 
 def run(model: str, recipe: str, steps: int, image_size: int | None, precision: str) -> dict[str, Any]:
     import selfconsist
-    from selfconsist.tune import TuneConfig, TuneRecipe, resolve_config
+    from selfconsist.tune import TuneConfig, TuneRecipe, adapted_obs_var, resolve_config
 
     vae = selfconsist.load(model, image_size=image_size) if image_size else selfconsist.load(model)
     cfg = TuneConfig(device="cpu", precision=precision, steps=steps, **RECIPES[recipe])
@@ -52,8 +52,9 @@ def run(model: str, recipe: str, steps: int, image_size: int | None, precision: 
     r = TuneRecipe(vae, settings, None, resume=False, overwrite=False, progress=False, metadata=None)
     r.setup()
     # begin() would measure the base model first (minutes at SD size) and set v from it; the
-    # step's passes and speed do not depend on v, so the model's own stands in for it here.
-    r.obs_var = float(settings.config.obs_var if settings.config.obs_var is not None else vae.obs_var)
+    # step's passes and speed do not depend on v, so tune's rule without the measurement (the
+    # given --obs-var, else the model's own) stands in for it here.
+    r.obs_var = adapted_obs_var(settings.config, vae, before={})
     counter: Counter = Counter()
     batch = settings.config.batch_size
     count_passes(r.vae, "tuned", counter, batch)

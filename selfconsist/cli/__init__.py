@@ -19,10 +19,7 @@ import typer
 
 from ..errors import Interrupted, NonFiniteLossError, SelfconsistError
 from . import _app
-from ._app import app
-
-# Flags of the root command that main() also accepts after the command name.
-GLOBAL_FLAGS = ("--debug", "--quiet", "-q", "--verbose", "-v")
+from ._app import GLOBAL_FLAGS, app
 
 
 def _print_version(value: bool) -> None:

@@ -19,6 +19,9 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+#: Flags of the root command that ``main`` also accepts after the command name.
+GLOBAL_FLAGS = ("--debug", "--quiet", "-q", "--verbose", "-v")
+
 #: The arguments ``main`` was given, without the global flags (set by ``main``; None when a
 #: command runs some other way, e.g. typer's test runner).
 INVOKED: list[str] | None = None
@@ -29,5 +32,5 @@ def command_line() -> str:
     checkpoint's ``selfconsist.command``, the model card): the global flags (--debug, -q, -v,
     which change what is printed, not what runs) are left out wherever they stood, so the line
     reruns the same job."""
-    args = INVOKED if INVOKED is not None else [a for a in sys.argv[1:] if a != "--debug"]
+    args = INVOKED if INVOKED is not None else [a for a in sys.argv[1:] if a not in GLOBAL_FLAGS]
     return "selfconsist " + shlex.join(args)
