@@ -7,16 +7,25 @@ in units of one batch (an encoder call on 2B images counts 2), forward passes on
 calls with and without gradient; the backward passes come on top of the ones with gradient.
 
 Recipes: ``diffusers`` (the family's defaults: the cycle objective, pixel space, refine 2,
-anchor 10 on perturbed samples) and ``avae`` (the AVAE recipe: ``--objective avae`` with the
-generic λ_rec 5, no refinement, no anchor).
+iterates 0–3, anchor 10 on perturbed samples), ``fresh`` and ``reuse4`` (the same with
+``--refine-reuse`` 1 and 4: refined prior draws made afresh every step, or each used in about
+4 batches), ``norefine`` (the same with ``--prior-refine 0``: what the refinement costs) and
+``avae`` (the AVAE recipe: ``--objective avae`` with the generic λ_rec 5, no refinement, no
+anchor). The untimed warm-up step fills a pool of refined draws, once a run.
+
+With ``--rounds N`` the recipes run N times, alternated, and the last line gives each recipe's
+steps/s over the first recipe's, the median of the N paired ratios (the machine's speed drifts;
+a ratio within a round does not).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_ldm_step.py examples/ldm/sdclass-vae --steps 20
+    OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/bench_ldm_step.py --recipes fresh,reuse4 --steps 6 --rounds 3
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from collections import Counter
 from typing import Any
@@ -25,6 +34,9 @@ import torch
 
 RECIPES: dict[str, dict[str, Any]] = {
     "diffusers": {},
+    "fresh": {"refine_reuse": 1},
+    "reuse4": {"refine_reuse": 4},
+    "norefine": {"prior_refine": 0},
     "avae": {"objective": "avae", "prior_refine": 0, "anchor": 0.0, "lambda_rec": 5.0},
 }
 
@@ -83,11 +95,21 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--recipes", default="diffusers,avae")
+    p.add_argument("--rounds", type=int, default=1, help="run the recipes this many times, alternated")
     args = p.parse_args(argv)
+    recipes = args.recipes.split(",")
     rows = []
-    for recipe in args.recipes.split(","):
-        rows.append(run(args.model, recipe, args.steps, args.image_size, args.precision))
-        print(json.dumps(rows[-1]), flush=True)
+    for _ in range(args.rounds):
+        for recipe in recipes:
+            rows.append(run(args.model, recipe, args.steps, args.image_size, args.precision))
+            print(json.dumps(rows[-1]), flush=True)
+    if args.rounds > 1 and len(recipes) > 1:
+        rate = [{r["recipe"]: r["steps_per_s"] for r in rows[i:i + len(recipes)]}
+                for i in range(0, len(rows), len(recipes))]
+        ratios = {name: sorted(rd[name] / rd[recipes[0]] for rd in rate) for name in recipes[1:]}
+        print(json.dumps({"steps_per_s_over": recipes[0], "rounds": args.rounds,
+                          "paired_median": {k: round(statistics.median(v), 3) for k, v in ratios.items()},
+                          "range": {k: [round(v[0], 3), round(v[-1], 3)] for k, v in ratios.items()}}))
     return rows
 
 

@@ -87,7 +87,11 @@ class Z0Source:
       the diffusion pipeline decodes from);
     * ``refined``: a prior draw followed by ``prior_refine`` steps of z ← μ_base(g(z)) through
       the frozen base model. Still data-free; the draws land where the encoder puts decoded
-      images, which for a sharp VAE is far from the Gaussian;
+      images, which for a sharp VAE is far from the Gaussian. With ``refine_reuse`` N > 1 the
+      refined draws come from a pool of N·n of them: each call takes n at random from the
+      pool, after replacing its m = ⌈n/N⌉ oldest by fresh ones, so each draw serves about N
+      batches and the refinement costs about 1/N of its passes (the pool is part of the
+      resumable state: :meth:`pool_state`);
     * ``latents``: rows of a user's latents file;
     * ``images``: z₀ = μ + σ·ε from the base posteriors of a user's images, encoded once.
     """
@@ -99,6 +103,9 @@ class Z0Source:
         self.posteriors = encode_batched(vae, images) if images is not None else None
         self.kind = ("latents" if cfg.latents else "images" if images is not None
                      else "refined" if cfg.prior_refine else "prior")
+        self.reuse = int(getattr(cfg, "refine_reuse", None) or 1) if self.kind == "refined" else 1
+        self.pool: Tensor | None = None  # refined draws kept for reuse (reuse > 1)
+        self.oldest = 0  # the pool's next row to replace (a ring: the oldest draw goes first)
 
     def sample(self, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor | None]:
         """(z₀, indices of the images drawn or None)."""
@@ -109,9 +116,41 @@ class Z0Source:
             idx = torch.randint(self.posteriors[0].shape[0], (n,), generator=gen)
             mean, logvar = (t[idx].to(dev) for t in self.posteriors)
             return obj.reparameterize(mean, logvar, gen), idx
+        if self.reuse > 1:
+            return self._from_pool(n, gen), None
+        return self._refined(n, gen), None
+
+    def _refined(self, n: int, gen: torch.Generator) -> Tensor:
+        """n prior draws, each refined ``prior_refine`` times (none: plain prior draws)."""
         z = self.vae.sample_prior(n, gen)
         if self.cfg.prior_refine:
             with torch.no_grad():
                 for _ in range(self.cfg.prior_refine):
                     z = self.base.encode(self.base.decode(z).float()).mean.float()
-        return z, None
+        return z
+
+    def _from_pool(self, n: int, gen: torch.Generator) -> Tensor:
+        # Why a pool: for a latent-diffusion VAE the refinement is ~4 of the ~12 model passes of
+        # a step (docs/performance.md). A draw's later uses still differ, since the cycle's
+        # iterates and the anchor's noise are drawn afresh for every batch.
+        size, fresh = self.reuse * n, -(-n // self.reuse)
+        if self.pool is None or self.pool.shape[0] != size:  # filled in batches of n: no more memory
+            self.pool, self.oldest = torch.cat([self._refined(n, gen) for _ in range(self.reuse)]), 0
+        else:
+            rows = (self.oldest + torch.arange(fresh)) % size
+            self.pool[rows] = self._refined(fresh, gen).to(self.pool.dtype)
+            self.oldest = (self.oldest + fresh) % size
+        return self.pool[torch.randperm(size, generator=gen)[:n].to(self.pool.device)]
+
+    def pool_state(self) -> dict[str, Any] | None:
+        """What a resumed run needs to continue the same draws (None without a pool)."""
+        if self.pool is None:
+            return None
+        return {"pool": self.pool.detach().cpu(), "oldest": self.oldest}
+
+    def load_pool_state(self, state: dict[str, Any] | None) -> None:
+        if state is None:
+            self.pool, self.oldest = None, 0
+            return
+        self.pool = state["pool"].to(self.vae.device)
+        self.oldest = int(state["oldest"])

@@ -59,6 +59,80 @@ def test_refined_prior_is_a_fixed_point_iteration_of_the_base():
     torch.testing.assert_close(z, want)
 
 
+def test_reused_refined_draws_come_from_a_pool_refreshed_oldest_first(monkeypatch):
+    """--refine-reuse N: a pool of N·n refined draws, filled in batches of n; each later call
+    refines only ⌈n/N⌉ fresh draws, which replace the oldest rows, and returns n pool rows."""
+    vae = tiny_vae()
+    base = _frozen_copy(vae)
+    src = Z0Source(vae, TuneConfig(prior_refine=1, refine_reuse=3, **QUICK), base)
+    batches = []
+    decode = base.decode
+    monkeypatch.setattr(base, "decode", lambda z: (batches.append(z.shape[0]), decode(z))[1])
+    gen = torch.Generator().manual_seed(1)
+    z, idx = src.sample(4, gen)
+    assert idx is None and batches == [4, 4, 4] and src.pool.shape == (12, *vae.latent_shape)
+    pool = src.pool.clone()
+    assert all(any(torch.equal(r, q) for q in pool) for r in z)
+    z, _ = src.sample(4, gen)
+    assert batches == [4, 4, 4, 2]  # ⌈4/3⌉ fresh draws, not 4
+    assert not torch.equal(src.pool[:2], pool[:2]) and torch.equal(src.pool[2:], pool[2:])
+    assert all(any(torch.equal(r, q) for q in src.pool) for r in z)
+    src.sample(4, gen)
+    assert torch.equal(src.pool[4:], pool[4:]) and src.oldest == 4
+    # the state a resumed run restores
+    other = Z0Source(vae, TuneConfig(prior_refine=1, refine_reuse=3, **QUICK), base)
+    other.load_pool_state(src.pool_state())
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    torch.testing.assert_close(src.sample(4, g1)[0], other.sample(4, g2)[0], rtol=0, atol=0)
+
+
+def test_refine_reuse_1_draws_what_the_plain_refinement_draws():
+    vae = tiny_vae()
+    base = _frozen_copy(vae)
+    a = Z0Source(vae, TuneConfig(prior_refine=2, refine_reuse=1, **QUICK), base)
+    b = Z0Source(vae, TuneConfig(prior_refine=2, **QUICK), base)
+    ga, gb = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+    for _ in range(2):
+        torch.testing.assert_close(a.sample(3, ga)[0], b.sample(3, gb)[0], rtol=0, atol=0)
+    assert a.pool is None
+
+
+def _stop_at(monkeypatch, step_to_stop: int):
+    import sys
+
+    recipe = sys.modules["selfconsist.tune"]
+    original = recipe.check_finite
+
+    def stop(step, loss):
+        if step == step_to_stop:
+            raise KeyboardInterrupt
+        original(step, loss)
+
+    monkeypatch.setattr(recipe, "check_finite", stop)
+    return lambda: monkeypatch.setattr(recipe, "check_finite", original)
+
+
+@pytest.mark.parametrize("keep_pool", [True, False])
+def test_a_run_with_a_pool_resumes_bit_identically(tmp_path, monkeypatch, keep_pool):
+    """The pool is part of the resumable state: a run stopped mid-way and resumed ends at the
+    weights of an uninterrupted one. Without restoring the pool it would not (the control)."""
+    cfg = TuneConfig(objective="cycle", prior_refine=1, refine_reuse=2, cycle_depth=1, anchor=1.0,
+                     steps=6, save_every=2, batch_size=2, lr=1e-2, device="cpu", eval_samples=4, seed=0)
+    full = tiny_vae()
+    tune(full, cfg, tmp_path / "full", progress=False)
+    restore = _stop_at(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        tune(tiny_vae(), cfg, tmp_path / "part", progress=False)
+    restore()
+    assert (tmp_path / "part.state.pt").exists()
+    if not keep_pool:
+        monkeypatch.setattr(Z0Source, "load_pool_state", lambda self, state: None)
+    part = tiny_vae()
+    tune(part, cfg, tmp_path / "part", resume=True, progress=False)
+    same = all(torch.equal(p, q) for p, q in zip(full.encoder_parameters(), part.encoder_parameters(), strict=True))
+    assert same == keep_pool
+
+
 def test_base_copy_is_frozen_and_independent():
     vae = tiny_vae()
     base = _frozen_copy(vae)
@@ -128,6 +202,17 @@ def test_family_images_defaults_apply_only_with_images(monkeypatch):
     assert resolve_config(vae, TuneConfig(images="d", anchor=0.1)).config.anchor == 0.1
 
 
+def test_a_familys_refine_reuse_applies_only_where_draws_are_refined(monkeypatch):
+    vae = tiny_vae()
+    monkeypatch.setattr(DiffusersVAE, "tune_defaults", {"prior_refine": 2, "refine_reuse": 4})
+    assert resolve_config(vae, TuneConfig()).config.refine_reuse == 4
+    for cfg in (TuneConfig(prior_refine=0), TuneConfig(images="d"), TuneConfig(latents="z.npy")):
+        got = resolve_config(vae, cfg)
+        assert got.config.refine_reuse == 1 and got.sources["refine_reuse"] == "default"
+    with pytest.raises(SelfconsistError, match="refine-reuse"):
+        resolve_config(vae, TuneConfig(prior_refine=0, refine_reuse=4))
+
+
 def test_python_and_cli_resolve_to_the_same_settings(tmp_path, monkeypatch):
     """``selfconsist.tune(autoencoder_kl)`` runs what ``selfconsist tune DIR`` runs (the
     family's defaults), with nothing given in either; explicit settings win in both."""
@@ -162,7 +247,8 @@ def test_python_and_cli_resolve_to_the_same_settings(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("bad", [dict(prior_refine=-1), dict(anchor=-1.0), dict(fit="stretch"),
                                  dict(latents="a.npy", images="d"),
-                                 dict(prior_refine=1, images="d")])
+                                 dict(prior_refine=1, images="d"), dict(refine_reuse=0),
+                                 dict(refine_reuse=2, prior_refine=0), dict(refine_reuse=2, images="d")])
 def test_bad_settings_are_refused(bad):
     with pytest.raises(SelfconsistError):
         TuneConfig(**bad)

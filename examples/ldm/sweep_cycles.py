@@ -86,6 +86,11 @@ SETTINGS: dict[str, dict] = {
                                                        "anchor": 10.0},
     "cycle pixel, many images, depth 3, anchor 10, fp32": {**CYC, **FP32, "images": MANY, "cycle_depth": 3,
                                                             "anchor": 10.0},
+    # Fifth wave (issue 22): the data-free default with its refinement amortised, each refined
+    # draw used in about 4 batches (--refine-reuse 4), against the default rerun beside it.
+    "cycle pixel, refine 2 reused 4, depth 3, anchor 10, fp32": {**CYC, **FP32, "prior_refine": 2,
+                                                                  "refine_reuse": 4, "cycle_depth": 3,
+                                                                  "anchor": 10.0},
 }
 #: Longer runs: how the gain grows with the budget (started while the first wave ran, on the
 #: setting that the 300-step pilot and the issue's evidence favoured).
