@@ -137,7 +137,7 @@ class Z0Source:
         if self.pool is None or self.pool.shape[0] != size:  # filled in batches of n: no more memory
             self.pool, self.oldest = torch.cat([self._refined(n, gen) for _ in range(self.reuse)]), 0
         else:
-            rows = (self.oldest + torch.arange(fresh)) % size
+            rows = ((self.oldest + torch.arange(fresh)) % size).to(self.pool.device)
             self.pool[rows] = self._refined(fresh, gen).to(self.pool.dtype)
             self.oldest = (self.oldest + fresh) % size
         return self.pool[torch.randperm(size, generator=gen)[:n].to(self.pool.device)]
