@@ -6,12 +6,13 @@ steps. Every encoder and decoder call of the tuned model and of the frozen base 
 in units of one batch (an encoder call on 2B images counts 2), forward passes only, split into
 calls with and without gradient; the backward passes come on top of the ones with gradient.
 
-Recipes: ``diffusers`` (the family's defaults: the cycle objective, pixel space, refine 2,
-iterates 0–3, anchor 10 on perturbed samples), ``fresh`` and ``reuse4`` (the same with
-``--refine-reuse`` 1 and 4: refined prior draws made afresh every step, or each used in about
-4 batches), ``norefine`` (the same with ``--prior-refine 0``: what the refinement costs) and
-``avae`` (the AVAE recipe: ``--objective avae`` with the generic λ_rec 5, no refinement, no
-anchor). The untimed warm-up step fills a pool of refined draws, once a run.
+Recipes: ``diffusers`` (the family's defaults: the cycle objective, pixel space, refine 2 with
+each refined draw used in about 2 batches, iterates 0–3, anchor 10 on perturbed samples),
+``fresh``, ``reuse2`` and ``reuse4`` (the same with ``--refine-reuse`` 1, 2 and 4: refined
+prior draws made afresh every step, or each used in about 2 or 4 batches), ``norefine`` (the
+same with ``--prior-refine 0``: what the refinement costs) and ``avae`` (the AVAE recipe:
+``--objective avae`` with the generic λ_rec 5, no refinement, no anchor). The untimed warm-up
+step fills a pool of refined draws, once a run.
 
 With ``--rounds N`` the recipes run N times, alternated, and the last line gives each recipe's
 steps/s over the first recipe's, the median of the N paired ratios (the machine's speed drifts;
@@ -35,6 +36,7 @@ import torch
 RECIPES: dict[str, dict[str, Any]] = {
     "diffusers": {},
     "fresh": {"refine_reuse": 1},
+    "reuse2": {"refine_reuse": 2},
     "reuse4": {"refine_reuse": 4},
     "norefine": {"prior_refine": 0},
     "avae": {"objective": "avae", "prior_refine": 0, "anchor": 0.0, "lambda_rec": 5.0},

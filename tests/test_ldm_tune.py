@@ -202,6 +202,13 @@ def test_family_images_defaults_apply_only_with_images(monkeypatch):
     assert resolve_config(vae, TuneConfig(images="d", anchor=0.1)).config.anchor == 0.1
 
 
+def test_the_diffusers_family_reuses_each_refined_draw_twice_data_free_only():
+    # the fifth sweep wave's choice (docs/latent-diffusion.md)
+    vae = tiny_vae()
+    assert resolve_config(vae, TuneConfig()).config.refine_reuse == 2
+    assert resolve_config(vae, TuneConfig(images="d")).config.refine_reuse == 1
+
+
 def test_a_familys_refine_reuse_applies_only_where_draws_are_refined(monkeypatch):
     vae = tiny_vae()
     monkeypatch.setattr(DiffusersVAE, "tune_defaults", {"prior_refine": 2, "refine_reuse": 4})

@@ -20,7 +20,9 @@ DATA = {None: "data-free", "runs/ldm/user": "images", "runs/ldm/many": "many ima
 
 
 #: the settings the diffusers family ships (data-free, and with --images), ringed on the chart
-SHIPPED = {"cycle pixel, refine 2, depth 3, anchor 10, fp32", "cycle pixel, images, depth 3, anchor 10"}
+SHIPPED = {"cycle pixel, refine 2 reused 2, depth 3, anchor 10, fp32",
+           "cycle pixel, refine 2 reused 2, depth 3, anchor 10, fp32, seed 1",
+           "cycle pixel, images, depth 3, anchor 10"}
 
 
 def rows(root: Path, names: list[str]) -> tuple[dict, list[dict]]:

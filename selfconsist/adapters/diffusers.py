@@ -240,10 +240,13 @@ class DiffusersVAE(VAEAdapter):
     #: moved 0–3 cycles by the current encoder (the loop's own iterates), with a strong anchor
     #: on noisy decoded samples: single pass +0.31 dB, dB lost over 10 cycles −6%, latent shift
     #: 0.031 std (without the iterates: +0.28 dB, −4%, 0.035). Weaker anchors cost 0.9–1.4 dB;
-    #: the previous default (AVAE, anchor 1) made cycles 6% worse.
+    #: the previous default (AVAE, anchor 1) made cycles 6% worse. Each refined draw serves
+    #: about 2 batches (a pool): 1.17× a step, and on two seeds +0.28/+0.29 dB, −6%/−7%,
+    #: 0.031/0.029 std against fresh draws' +0.31/+0.30, −6%/−6%, 0.031/0.030; reused 4 times,
+    #: 1.17× a step, but seed 1 lost 2 points (docs/latent-diffusion.md, fifth wave).
     tune_defaults: ClassVar[dict[str, Any]] = {
-        "objective": "cycle", "cycle_space": "pixel", "prior_refine": 2, "cycle_depth": 3,
-        "anchor": 10.0, "lr": 3e-4, "steps": 1000, "batch_size": 8}
+        "objective": "cycle", "cycle_space": "pixel", "prior_refine": 2, "refine_reuse": 2,
+        "cycle_depth": 3, "anchor": 10.0, "lr": 3e-4, "steps": 1000, "batch_size": 8}
     #: With ``--images`` of the user's kind the same settings apply (no ``tune_defaults_images``:
     #: the refinement is dropped, z₀ = the images' base posteriors, and the anchor is on those
     #: images): single pass +0.02 dB, dB lost −10%, shift 0.014 std at 1000 steps (without the
