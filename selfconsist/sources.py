@@ -103,7 +103,7 @@ class Z0Source:
         self.posteriors = encode_batched(vae, images) if images is not None else None
         self.kind = ("latents" if cfg.latents else "images" if images is not None
                      else "refined" if cfg.prior_refine else "prior")
-        self.reuse = int(getattr(cfg, "refine_reuse", None) or 1) if self.kind == "refined" else 1
+        self.reuse = (cfg.refine_reuse or 1) if self.kind == "refined" else 1  # None: unresolved
         self.pool: Tensor | None = None  # refined draws kept for reuse (reuse > 1)
         self.oldest = 0  # the pool's next row to replace (a ring: the oldest draw goes first)
 
@@ -138,7 +138,7 @@ class Z0Source:
             self.pool, self.oldest = torch.cat([self._refined(n, gen) for _ in range(self.reuse)]), 0
         else:
             rows = ((self.oldest + torch.arange(fresh)) % size).to(self.pool.device)
-            self.pool[rows] = self._refined(fresh, gen).to(self.pool.dtype)
+            self.pool[rows] = self._refined(fresh, gen)
             self.oldest = (self.oldest + fresh) % size
         return self.pool[torch.randperm(size, generator=gen)[:n].to(self.pool.device)]
 
